@@ -5,5 +5,19 @@ it needs (the N x M logits included).
 """
 
 from mgccl_ops.reference.contrastive import contrastive_loss
+from mgccl_ops.reference.regions import (
+    adaptive_semantic_unit,
+    region_auto_threshold,
+    region_broadcast,
+    region_merge,
+    region_pool,
+)
 
-__all__ = ["contrastive_loss"]
+__all__ = [
+    "adaptive_semantic_unit",
+    "contrastive_loss",
+    "region_auto_threshold",
+    "region_broadcast",
+    "region_merge",
+    "region_pool",
+]
