@@ -7,7 +7,18 @@ import torch  # noqa: F401  (loads libtorch before the compiled module)
 
 from mgccl_ops._extension import build_info
 from mgccl_ops.ops import contrastive_loss
+from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
+from mgccl_ops.ops.region_pool import region_broadcast, region_pool
+from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "contrastive_loss"]
+__all__ = [
+    "adaptive_semantic_unit",
+    "build_info",
+    "contrastive_loss",
+    "region_auto_threshold",
+    "region_broadcast",
+    "region_merge",
+    "region_pool",
+]

@@ -1,5 +1,15 @@
 """Typed wrappers of the compiled operators, with their fake impls and autograd."""
 
 from mgccl_ops.ops.contrastive import contrastive_loss
+from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
+from mgccl_ops.ops.region_pool import region_broadcast, region_pool
+from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
 
-__all__ = ["contrastive_loss"]
+__all__ = [
+    "adaptive_semantic_unit",
+    "contrastive_loss",
+    "region_auto_threshold",
+    "region_broadcast",
+    "region_merge",
+    "region_pool",
+]
