@@ -60,7 +60,7 @@ struct GradientSink {
   GradientSink(const at::Tensor& q, const at::Tensor& k, at::ScalarType acc, double scale,
                std::array<bool, 3> mask)
       : scale(scale), want_q(mask[0]), want_k(mask[1]), want_scale(mask[2]) {
-    if (want_q) grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
+    if (want_q) grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows stay 0 if M == 0
     if (want_k) grad_k = at::zeros(k.sizes(), k.options().dtype(acc));
   }
 
@@ -149,6 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& pos_in,
                      const at::Tensor& scale_t, const std::optional<at::Tensor>& weight,
                      c10::string_view reduction, bool symmetric, std::array<bool, 3> grad_mask) {
+  // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos_in, scale_t, symmetric);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
@@ -234,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
     const at::Tensor& row_grad, const at::Tensor& q_in, const at::Tensor& k,
     const at::Tensor& pos, const at::Tensor& scale_t, const at::Tensor& row_lse,
     const at::Tensor& col_lse, bool symmetric, std::array<bool, 3> grad_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos, scale_t, symmetric);
   check_dim("contrastive_loss_backward", "row_grad", row_grad, 1);
   check_size("contrastive_loss_backward", "row_grad", row_grad, 0, q_in.size(0), "q.shape[0]");
