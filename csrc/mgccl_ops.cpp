@@ -41,6 +41,12 @@ TORCH_LIBRARY(mgccl, m) {
   m.def("region_sum(Tensor x, Tensor labels, SymInt num_regions) -> Tensor");
 }
 
+// Backward operators are not differentiable themselves (no double backward): autograd passes
+// through them without recording a graph.
+TORCH_LIBRARY_IMPL(mgccl, Autograd, m) {
+  m.impl("contrastive_loss_backward", torch::CppFunction::makeFallthrough());
+}
+
 namespace {
 
 pybind11::dict build_info() {
