@@ -27,7 +27,7 @@ namespace {
 constexpr double kNormEps = 1e-12;  // pixels are normalised as x / max(|x|, eps), like F.normalize
 // The automatic threshold is median(s) - kAutoMadFactor * kMadToSigma * MAD(s) over the image's
 // edge similarities s (see mgccl_ops/ops/region_merge.py for the rule and how it was chosen).
-constexpr double kAutoMadFactor = 2.0;
+constexpr double kAutoMadFactor = 1.0;
 constexpr double kMadToSigma = 1.4826;
 
 Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {

@@ -15,7 +15,7 @@ EPS = 1e-12
 # Offsets (dy, dx) of the neighbours that follow a pixel in raster order; every grid edge once.
 NEIGHBOUR_OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 # The automatic threshold: median minus AUTO_MAD_FACTOR scaled median absolute deviations.
-AUTO_MAD_FACTOR = 2.0
+AUTO_MAD_FACTOR = 1.0
 MAD_TO_SIGMA = 1.4826
 
 
