@@ -27,23 +27,24 @@ namespace mgccl {
 template <typename acc_t>
 class AverageLinkage {
  public:
-  // sums: [H*W, channels] row-major, each pixel's L2-normalised feature (the region sums of
-  // the one-pixel regions); graph: the pixel grid with its edge similarities.
-  AverageLinkage(std::vector<acc_t> sums, int64_t channels, const PixelGraph<acc_t>& graph,
-                 MinRootUnionFind& sets)
+  // rows: [H*W, channels] row-major, the pixels' L2-normalised features (the sums of the
+  // one-pixel regions), as PixelGraph writes them; graph: the pixel grid with its edge
+  // similarities.
+  AverageLinkage(std::vector<acc_t> rows, int64_t channels, const PixelGraph<acc_t>& graph, MinRootUnionFind& sets)
       : sets_(sets),
         channels_(channels),
-        sums_(std::move(sums)),
+        sums_(std::move(rows)),
         norm_(graph.grid.pixels()),
         best_(graph.grid.pixels()),
         best_sim_(graph.grid.pixels()),
         changed_(graph.grid.pixels(), 0),
         active_(graph.grid.pixels()) {
-    for (int32_t r = 0; r < static_cast<int32_t>(active_.size()); ++r) {
-      active_[r] = r;
-      norm_[r] = row_norm(r);
+    const int64_t n = graph.grid.pixels();
+    for (int64_t p = 0; p < n; ++p) {
+      norm_[p] = graph.norm[p] / std::max(graph.norm[p], static_cast<acc_t>(kNormEps));
+      active_[p] = static_cast<int32_t>(p);
     }
-    edges_.reserve(graph.grid.directions * graph.grid.pixels());
+    edges_.reserve(graph.grid.directions * n);
     graph.for_each_edge([this](int32_t p, int32_t q, acc_t s) { edges_.push_back({p, q, s}); });
   }
 

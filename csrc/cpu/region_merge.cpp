@@ -24,7 +24,6 @@
 namespace mgccl {
 namespace {
 
-constexpr double kNormEps = 1e-12;  // pixels are normalised as x / max(|x|, eps), like F.normalize
 // The automatic threshold is median(s) - kAutoMadFactor * kMadToSigma * MAD(s) over the image's
 // edge similarities s (see mgccl_ops/ops/region_merge.py for the rule and how it was chosen).
 constexpr double kAutoMadFactor = 1.0;
@@ -61,37 +60,17 @@ double auto_threshold(const PixelGraph<acc_t>& graph) {
   return median - kAutoMadFactor * kMadToSigma * lower_median(sims);
 }
 
-// One image's L2-normalised pixel features as rows [H*W, channels], from [channels, H*W],
-// transposed in blocks of pixels so that both sides stay in cache.
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> normalized_rows(const scalar_t* feat, int64_t channels, const PixelGraph<acc_t>& graph) {
-  constexpr int64_t kBlock = 64;
-  const int64_t n = graph.grid.pixels();
-  std::vector<acc_t> rows(n * channels);
-  std::vector<acc_t> inverse(n);
-  for (int64_t p = 0; p < n; ++p) {
-    inverse[p] = acc_t(1) / std::max(graph.norm[p], static_cast<acc_t>(kNormEps));
-  }
-  for (int64_t p0 = 0; p0 < n; p0 += kBlock) {
-    const int64_t p1 = std::min(n, p0 + kBlock);
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* in = feat + c * n;
-      for (int64_t p = p0; p < p1; ++p) rows[p * channels + c] = static_cast<acc_t>(in[p]) * inverse[p];
-    }
-  }
-  return rows;
-}
-
 // Merges one image feat [channels, H*W] into labels [H*W]; returns the number of regions.
 template <typename scalar_t>
 int64_t merge_image(const scalar_t* feat, int64_t channels, const Grid& grid, std::optional<double> threshold,
                     bool average, int64_t* labels) {
   using acc_t = at::opmath_type<scalar_t>;
-  const PixelGraph<acc_t> graph(feat, channels, grid);
+  std::vector<acc_t> rows(average ? grid.pixels() * channels : 0);
+  const PixelGraph<acc_t> graph(feat, channels, grid, average ? rows.data() : nullptr);
   const double thr = threshold.has_value() ? *threshold : auto_threshold(graph);
   MinRootUnionFind sets(grid.pixels());
   if (average) {
-    AverageLinkage<acc_t>(normalized_rows(feat, channels, graph), channels, graph, sets).run(thr);
+    AverageLinkage<acc_t>(std::move(rows), channels, graph, sets).run(thr);
   } else {
     graph.for_each_edge([&](int32_t p, int32_t q, acc_t s) {
       if (static_cast<double>(s) >= thr) sets.unite(p, q);
