@@ -8,6 +8,7 @@ import importlib
 # Benchmark name -> module defining NAME, add_arguments(parser) and run(args).
 BENCHMARKS = {
     "contrastive": "mgccl_ops.bench.contrastive",
+    "regions": "mgccl_ops.bench.regions",
 }
 
 
