@@ -117,12 +117,13 @@ def test_per_image_threshold_tensor(linkage):
 
 
 @pytest.mark.parametrize("connectivity", CONNECTIVITIES)
-def test_auto_threshold_equals_reference(connectivity):
-    feat = random_feat((3, 8, 15, 11), seed=3) + 0.5
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_auto_threshold_equals_reference(connectivity, dtype, atol):
+    feat = random_feat((3, 8, 15, 11), dtype=dtype, seed=3) + 0.5
     ours = mgccl_ops.region_auto_threshold(feat, connectivity=connectivity)
     ref = reference.region_auto_threshold(feat, connectivity=connectivity)
     assert ours.dtype == torch.float64 and ours.shape == (3,)
-    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
     for linkage in LINKAGES:
         auto = mgccl_ops.region_merge(feat, "auto", connectivity=connectivity, linkage=linkage)
         explicit = mgccl_ops.region_merge(feat, ours, connectivity=connectivity, linkage=linkage)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "average_linkage.h"
@@ -42,22 +43,24 @@ Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {
 }
 
 // The lower median of values (reordered in place); values must not be empty.
-double lower_median(std::vector<double>& values) {
+template <typename acc_t>
+acc_t lower_median(std::vector<acc_t>& values) {
   const auto middle = values.begin() + (values.size() - 1) / 2;
   std::nth_element(values.begin(), middle, values.end());
   return *middle;
 }
 
 // The automatic threshold of one image from its edge similarities; +inf without edges.
+// Medians and deviations are taken in the similarities' own dtype, as the reference does.
 template <typename acc_t>
 double auto_threshold(const PixelGraph<acc_t>& graph) {
-  std::vector<double> sims;
-  sims.reserve(graph.grid.directions * graph.grid.pixels());
-  graph.for_each_edge([&sims](int32_t, int32_t, acc_t s) { sims.push_back(static_cast<double>(s)); });
-  if (sims.empty()) return std::numeric_limits<double>::infinity();
-  const double median = lower_median(sims);
-  for (double& s : sims) s = std::abs(s - median);
-  return median - kAutoMadFactor * kMadToSigma * lower_median(sims);
+  std::vector<acc_t> values;
+  values.reserve(graph.grid.directions * graph.grid.pixels());
+  graph.for_each_edge([&values](int32_t, int32_t, acc_t s) { values.push_back(s); });
+  if (values.empty()) return std::numeric_limits<double>::infinity();
+  const acc_t median = lower_median(values);
+  for (acc_t& s : values) s = std::abs(s - median);
+  return static_cast<double>(median) - kAutoMadFactor * kMadToSigma * static_cast<double>(lower_median(values));
 }
 
 // Merges one image feat [channels, H*W] into labels [H*W]; returns the number of regions.

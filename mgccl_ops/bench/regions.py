@@ -23,6 +23,7 @@ Partition agreement is the adjusted Rand index (ARI) against ours and against th
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -180,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     context = {"device_name": harness.device_name("cpu"), "version": mgccl_ops.__version__, "torch": torch.__version__}
     rows = []
+    load = os.getloadavg()
     skimage_budget_left = True
     for size in args.sizes:
         common = {"size": size, "batch": args.batch, "channels": args.channels}
@@ -198,7 +200,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                     step = merge_step(**params)
                     row["time_ms"] = harness.time_step(step, "cpu", repeats=args.repeats)
                     row.update(agreement(step(), ours, truth))
-                    row["peak_mem_mib"] = harness.peak_memory_mib("mgccl_ops.bench.regions:merge_step", params, "cpu")
                 rows.append(row)
                 timing = row.get("time_ms", {}).get("median")
                 shown = "—" if timing is None else f"{timing:.1f}"
@@ -220,7 +221,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             ("ARI vs mgccl", "ari_vs_mgccl"),
             ("ARI vs truth", "ari_vs_truth"),
             ("regions / image", "regions"),
-            ("peak MiB", "peak_mem_mib"),
             ("note", "note"),
         ],
         x_key="size",
@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             "building its graph with numpy. skimage: one run per image, RAG construction included,"
             f" at most {args.skimage_budget:.0f} s per size (beyond it the batch time is extrapolated, see "
             "note; sizes after one where it finished no image are skipped). ARI: adjusted Rand index, mean over "
-            "images. Peak MiB: growth of the resident set during one merge, in a fresh process."
+            f"images. Load average of this shared machine (1 min) at the start and the end: {load[0]:.1f}, "
+            f"{os.getloadavg()[0]:.1f}."
         ),
     )
     return rows

@@ -129,16 +129,17 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     """Reference of :func:`mgccl_ops.region_auto_threshold`: feat [B, C, H, W] -> [B] float64.
 
     Per image, over the cosine similarities s of all neighbouring pixel pairs:
-    ``median(s) - AUTO_MAD_FACTOR * 1.4826 * median(|s - median(s)|)`` (lower medians); +inf
-    for an image without neighbouring pairs.
+    ``median(s) - AUTO_MAD_FACTOR * 1.4826 * median(|s - median(s)|)`` (lower medians, taken in
+    the similarities' dtype: float32, float64 for float64 features); +inf for an image without
+    neighbouring pairs.
     """
     out = torch.full((feat.shape[0],), float("inf"), dtype=torch.float64)
     for b in range(feat.shape[0]):
-        sim = edge_similarities(feat[b], connectivity)[2].to(torch.float64)
+        sim = edge_similarities(feat[b], connectivity)[2]
         if sim.numel() > 0:
             median = sim.median()
             mad = (sim - median).abs().median()
-            out[b] = median - AUTO_MAD_FACTOR * MAD_TO_SIGMA * mad
+            out[b] = median.double() - AUTO_MAD_FACTOR * MAD_TO_SIGMA * mad.double()
     return out
 
 
