@@ -60,7 +60,8 @@ struct GradientSink {
   GradientSink(const at::Tensor& q, const at::Tensor& k, at::ScalarType acc, double scale,
                std::array<bool, 3> mask)
       : scale(scale), want_q(mask[0]), want_k(mask[1]), want_scale(mask[2]) {
-    if (want_q) grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
+    // Zeros: with M = 0 no tile runs and grad_q is 0.
+    if (want_q) grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
     if (want_k) grad_k = at::zeros(k.sizes(), k.options().dtype(acc));
   }
 
