@@ -137,7 +137,7 @@ def test_all_rows_ignored(reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_several_tiles(reduction, symmetric):
-    """N above one 32 MiB tile (2048 rows of 4096 float32 logits): three tiles, the last partial."""
+    """N = 4101 rows against 4096 (or 4101) keys: three 32 MiB float32 tiles, the last partial."""
     n = 2 * 2048 + 5
     m = n if symmetric else 4096
     inputs = make_inputs(n, m, 32, torch.float32, symmetric=symmetric, weighted=True, ignored=0.1)
@@ -209,24 +209,26 @@ def test_random_shapes(n, m, d, dtype, reduction, symmetric, weighted, seed):
     check_against_reference(inputs, dtype, reduction, symmetric)
 
 
-def opcheck_samples():
-    """Argument tuples of torch.ops.mgccl.contrastive_loss on CUDA."""
-    samples = []
-    for symmetric in (False, True):
-        for reduction in REDUCTIONS:
-            for dtype in (torch.float32, torch.bfloat16):
-                inputs = make_inputs(10, 10 if symmetric else 7, 6, dtype, symmetric=symmetric, weighted=True)
-                q, k, scale = (inputs[name].cuda().requires_grad_() for name in ("q", "k", "scale"))
-                args = (q, k, inputs["pos"].cuda(), scale, inputs["weight"].cuda(), reduction, symmetric)
-                samples.append(args + ([True, True, True],))
-            inputs = make_inputs(10, 10 if symmetric else 7, 6, torch.float32, symmetric=symmetric)
-            args = tuple(inputs[name].cuda() for name in ("q", "k", "pos", "scale"))
-            samples.append(args + (None, "mean", symmetric, [False, False, False]))
-    return samples
+OPCHECK_SAMPLES = [
+    (symmetric, reduction, dtype, [True, True, True], True)
+    for symmetric in (False, True)
+    for reduction in REDUCTIONS
+    for dtype in (torch.float32, torch.bfloat16)
+] + [  # some gradients asked for, or none
+    (symmetric, "mean", torch.float32, grad_mask, False)
+    for symmetric in (False, True)
+    for grad_mask in ([False, False, True], [True, False, False], [False, False, False])
+]
 
 
-@pytest.mark.parametrize("args", opcheck_samples())
-def test_opcheck(args):
+@pytest.mark.parametrize(("symmetric", "reduction", "dtype", "grad_mask", "weighted"), OPCHECK_SAMPLES)
+def test_opcheck(symmetric, reduction, dtype, grad_mask, weighted):
+    inputs = make_inputs(10, 10 if symmetric else 7, 6, dtype, symmetric=symmetric, weighted=weighted)
+    q, k, pos, scale = (inputs[name].cuda() for name in ("q", "k", "pos", "scale"))
+    for tensor, wanted in zip((q, k, scale), grad_mask):
+        tensor.requires_grad_(wanted)
+    weight = inputs["weight"].cuda() if weighted else None
+    args = (q, k, pos, scale, weight, reduction, symmetric, grad_mask)
     torch.library.opcheck(torch.ops.mgccl.contrastive_loss.default, args)
 
 

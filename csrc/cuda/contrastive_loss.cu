@@ -101,8 +101,8 @@ __device__ __forceinline__ MaxSum<acc_t> shuffle_xor(MaxSum<acc_t> value, int la
   return {shuffle_xor(value.max, lane_mask), shuffle_xor(value.sum, lane_mask)};
 }
 
-// Reduces `value` over the block with `combine`; every thread receives the result, combined
-// in the same order everywhere. blockDim.x is a multiple of 32 and at most 1024; blockDim.y
+// Reduces `value` over the block with `combine` (commutative); every thread receives the same
+// result. blockDim.x is a multiple of 32 and at most 1024; blockDim.y
 // is 1. Every thread of the block must call it.
 template <typename T, typename Combine>
 __device__ T block_allreduce(T value, Combine combine) {
@@ -188,9 +188,9 @@ __global__ void row_logsumexp_kernel(acc_t* products, int64_t m, const acc_t* sc
 // pos, c_rows, row_lse and scale_rows point at the tile's first row.
 template <typename acc_t, bool kSymmetric>
 __global__ void logit_gradient_kernel(acc_t* products, int64_t m, const acc_t* scale,
-                                      const int64_t* pos, const acc_t* c_rows,
-                                      const acc_t* row_lse, const acc_t* col_lse,
-                                      const acc_t* c_cols, acc_t* scale_rows) {
+                                      const int64_t* pos, const acc_t* c_rows, const acc_t* row_lse,
+                                      const acc_t* col_lse, const acc_t* c_cols,
+                                      acc_t* scale_rows) {
   const int64_t i = blockIdx.x;
   const acc_t part = write_row_gradient<acc_t, kSymmetric>(products + i * m, m, *scale, row_lse[i],
                                                            c_rows[i], pos[i], col_lse, c_cols);
@@ -212,13 +212,17 @@ __global__ void column_logsumexp_kernel(const acc_t* products, int64_t rows, int
   const acc_t s = *scale;
   MaxSum<acc_t> state = empty_max_sum<acc_t>();
   if (j < m) {
-    for (int64_t i = threadIdx.y; i < rows; i += kColumnLanes) add_value(state, s * products[i * m + j]);
+    for (int64_t i = threadIdx.y; i < rows; i += kColumnLanes) {
+      add_value(state, s * products[i * m + j]);
+    }
   }
   lanes[threadIdx.y][threadIdx.x] = state;
   __syncthreads();
   if (threadIdx.y == 0 && j < m) {
     MaxSum<acc_t> total{col_max[j], col_sum[j]};
-    for (int lane = 0; lane < kColumnLanes; ++lane) total = MergeMaxSum{}(total, lanes[lane][threadIdx.x]);
+    for (int lane = 0; lane < kColumnLanes; ++lane) {
+      total = MergeMaxSum{}(total, lanes[lane][threadIdx.x]);
+    }
     col_max[j] = total.max;
     col_sum[j] = total.sum;
   }
@@ -293,8 +297,8 @@ void check_values(const at::Tensor& k, const at::Tensor& pos, const at::Tensor& 
   TORCH_CHECK(std::isfinite(s), kOp, ": scale should be finite, got ", s);
   if (pos.numel() == 0) return;
   const int64_t low = symmetric ? 0 : -1;
-  TORCH_CHECK(values[1] >= low && values[2] < m, kOp, ": pos values should lie in [", low, ", ",
-              m, "), got min ", values[1], " and max ", values[2]);
+  TORCH_CHECK(values[1] >= low && values[2] < m, kOp, ": pos values should lie in [", low, ", ", m,
+              "), got min ", values[1], " and max ", values[2]);
   TORCH_CHECK(!symmetric || values[3] == 1, kOp,
               ": symmetric=True needs pos to be a permutation of 0..M-1, got repeated values");
 }
@@ -348,9 +352,10 @@ void launch_column_logsumexp(const at::Tensor& products, const Prepared& p, at::
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 block(kWarp, kColumnLanes);
   AT_DISPATCH_FLOATING_TYPES(products.scalar_type(), "contrastive_loss_column_logsumexp", [&] {
-    column_logsumexp_kernel<scalar_t><<<static_cast<unsigned>((m + kWarp - 1) / kWarp), block, 0, stream>>>(
-        products.data_ptr<scalar_t>(), rows, m, p.scale.data_ptr<scalar_t>(),
-        col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
+    column_logsumexp_kernel<scalar_t>
+        <<<static_cast<unsigned>((m + kWarp - 1) / kWarp), block, 0, stream>>>(
+            products.data_ptr<scalar_t>(), rows, m, p.scale.data_ptr<scalar_t>(),
+            col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -363,8 +368,8 @@ void launch_logit_gradient(at::Tensor& products, int64_t row0, const Prepared& p
   const int64_t rows = products.size(0), m = products.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(products.scalar_type(), "contrastive_loss_logit_gradient", [&] {
-    const auto kernel = symmetric ? logit_gradient_kernel<scalar_t, true>
-                                  : logit_gradient_kernel<scalar_t, false>;
+    const auto kernel =
+        symmetric ? logit_gradient_kernel<scalar_t, true> : logit_gradient_kernel<scalar_t, false>;
     kernel<<<static_cast<unsigned>(rows), row_threads(m), 0, stream>>>(
         products.data_ptr<scalar_t>(), m, p.scale.data_ptr<scalar_t>(),
         p.pos.data_ptr<int64_t>() + row0, c_rows.data_ptr<scalar_t>() + row0,
@@ -405,8 +410,9 @@ struct GradientSink {
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& q,
                                                         const at::Tensor& scale_t) const {
-    const auto empty = q.new_empty({0});
-    return {want_q ? grad_q : empty, want_k ? grad_k.to(q.scalar_type()) : empty,
+    // A fresh empty tensor for each gradient not asked for: outputs must not alias each other.
+    return {want_q ? grad_q : q.new_empty({0}),
+            want_k ? grad_k.to(q.scalar_type()) : q.new_empty({0}),
             want_scale ? scale_rows.sum().to(scale_t.scalar_type()) : scale_t.new_empty({0})};
   }
 
@@ -472,8 +478,8 @@ contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Ten
   at::Tensor pos_logit = at::zeros({n}, acc_opts);
   at::Tensor col_max = at::full({symmetric ? m : 0}, -INFINITY, acc_opts);
   at::Tensor col_sum = at::zeros({symmetric ? m : 0}, acc_opts);
-  const bool fuse_gradients = reduction != "none" && !symmetric &&
-                              (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  const bool fuse_gradients =
+      reduction != "none" && !symmetric && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
   GradientSink sink(p, fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
 
   if (n > 0 && m > 0) {
@@ -515,8 +521,8 @@ contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
     const at::Tensor& row_grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-    const at::Tensor& scale_t, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    bool symmetric, std::array<bool, 3> grad_mask) {
+    const at::Tensor& scale_t, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
+    std::array<bool, 3> grad_mask) {
   check_metadata(q, k, pos, scale_t, symmetric);
   check_dim(kBackwardOp, "row_grad", row_grad, 1);
   check_size(kBackwardOp, "row_grad", row_grad, 0, q.size(0), "q.shape[0]");
