@@ -314,3 +314,16 @@ def test_mixed_devices_raise():
     # The kernel's own check, reached without the Python wrapper.
     with pytest.raises(RuntimeError, match="k is on cpu but q is on cuda"):
         torch.ops.mgccl.contrastive_loss.default(q, k, pos, scale, None, "mean", False, [False] * 3)
+
+
+def test_backward_checks_saved_statistics():
+    q, pos, scale = torch.randn(4, 3, device="cuda"), torch.arange(4, device="cuda"), torch.tensor(2.0, device="cuda")
+    row_grad, row_lse = torch.ones(4, device="cuda"), torch.zeros(4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"col_lse.shape\[0\] should equal k.shape\[0\] = 4"):
+        torch.ops.mgccl.contrastive_loss_backward.default(
+            row_grad, q, q, pos, scale, row_lse, torch.zeros(3, device="cuda"), True, [True] * 3
+        )
+    with pytest.raises(RuntimeError, match=r"row_lse.shape\[0\] should equal q.shape\[0\] = 4"):
+        torch.ops.mgccl.contrastive_loss_backward.default(
+            row_grad, q, q, pos, scale, row_lse[:2], torch.zeros(0, device="cuda"), False, [True] * 3
+        )

@@ -530,11 +530,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
   check_dim(kBackwardOp, "row_lse", row_lse, 1);
   check_size(kBackwardOp, "row_lse", row_lse, 0, q.size(0), "q.shape[0]");
   check_same_device(kBackwardOp, "row_lse", row_lse, q);
+  check_same_device(kBackwardOp, "col_lse", col_lse, q);
   if (symmetric) {
     check_dim(kBackwardOp, "col_lse", col_lse, 1);
     check_size(kBackwardOp, "col_lse", col_lse, 0, k.size(0), "k.shape[0]");
-    check_same_device(kBackwardOp, "col_lse", col_lse, q);
   }
+  // Dispatched here, some argument is on the GPU, and all were checked to be on q's device.
   TORCH_INTERNAL_ASSERT(q.is_cuda());
   const c10::cuda::CUDAGuard device_guard(q.device());
   check_values(k, pos, scale_t, symmetric);
