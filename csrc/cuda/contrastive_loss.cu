@@ -448,6 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& pos_in,
                       const at::Tensor& scale_t, const std::optional<at::Tensor>& weight,
                       c10::string_view reduction, bool symmetric, std::array<bool, 3> grad_mask) {
+  // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_metadata(q_in, k, pos_in, scale_t, symmetric);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
@@ -523,6 +525,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
     const at::Tensor& row_grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
     const at::Tensor& scale_t, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
     std::array<bool, 3> grad_mask) {
+  // Reached through an Autograd fallthrough (csrc/mgccl_ops.cpp): keep autograd out of the ATen
+  // calls below.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_metadata(q, k, pos, scale_t, symmetric);
   check_dim(kBackwardOp, "row_grad", row_grad, 1);
   check_size(kBackwardOp, "row_grad", row_grad, 0, q.size(0), "q.shape[0]");
