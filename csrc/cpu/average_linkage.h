@@ -30,7 +30,8 @@ class AverageLinkage {
   // rows: [H*W, channels] row-major, the pixels' L2-normalised features (the sums of the
   // one-pixel regions), as PixelGraph writes them; graph: the pixel grid with its edge
   // similarities.
-  AverageLinkage(std::vector<acc_t> rows, int64_t channels, const PixelGraph<acc_t>& graph, MinRootUnionFind& sets)
+  AverageLinkage(std::vector<acc_t> rows, int64_t channels, const PixelGraph<acc_t>& graph,
+                 MinRootUnionFind& sets)
       : sets_(sets),
         channels_(channels),
         sums_(std::move(rows)),
@@ -142,7 +143,9 @@ class AverageLinkage {
       if (a > b) std::swap(a, b);
       renamed_.push_back({a, b, acc_t(0)});
     }
-    const auto by_names = [](const Edge& x, const Edge& y) { return x.a != y.a ? x.a < y.a : x.b < y.b; };
+    const auto by_names = [](const Edge& x, const Edge& y) {
+      return x.a != y.a ? x.a < y.a : x.b < y.b;
+    };
     const auto same_names = [](const Edge& x, const Edge& y) { return x.a == y.a && x.b == y.b; };
     std::sort(renamed_.begin(), renamed_.end(), by_names);
     renamed_.erase(std::unique(renamed_.begin(), renamed_.end(), same_names), renamed_.end());
@@ -154,12 +157,12 @@ class AverageLinkage {
 
   MinRootUnionFind& sets_;
   const int64_t channels_;
-  std::vector<acc_t> sums_;        // [H*W, channels]: row r is the feature sum of region r
-  std::vector<acc_t> norm_;        // [H*W]: |sums_ row r|
-  std::vector<int32_t> best_;      // [H*W]: the neighbour region r picked this round, or -1
-  std::vector<acc_t> best_sim_;    // [H*W]: its similarity
-  std::vector<uint8_t> changed_;   // [H*W]: 1 for a region that absorbed others this round
-  std::vector<int32_t> active_;    // names of the current regions
+  std::vector<acc_t> sums_;       // [H*W, channels]: row r is the feature sum of region r
+  std::vector<acc_t> norm_;       // [H*W]: |sums_ row r|
+  std::vector<int32_t> best_;     // [H*W]: the neighbour region r picked this round, or -1
+  std::vector<acc_t> best_sim_;   // [H*W]: its similarity
+  std::vector<uint8_t> changed_;  // [H*W]: 1 for a region that absorbed others this round
+  std::vector<int32_t> active_;   // names of the current regions
   std::vector<Edge> edges_, kept_, renamed_;
 };
 

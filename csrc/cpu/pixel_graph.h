@@ -24,20 +24,28 @@ struct Grid {
 
   int64_t offset(int d) const {
     switch (d) {
-      case 0: return 1;
-      case 1: return width;
-      case 2: return width + 1;
-      default: return width - 1;
+      case 0:
+        return 1;
+      case 1:
+        return width;
+      case 2:
+        return width + 1;
+      default:
+        return width - 1;
     }
   }
 
   bool has_neighbour(int64_t y, int64_t x, int d) const {
     const bool below = y + 1 < height;
     switch (d) {
-      case 0: return x + 1 < width;
-      case 1: return below;
-      case 2: return below && x + 1 < width;
-      default: return below && x > 0;
+      case 0:
+        return x + 1 < width;
+      case 1:
+        return below;
+      case 2:
+        return below && x + 1 < width;
+      default:
+        return below && x > 0;
     }
   }
 };
@@ -65,7 +73,9 @@ struct PixelGraph {
   // receives the L2-normalised features transposed to rows [H*W, channels] in the same pass.
   template <typename scalar_t>
   PixelGraph(const scalar_t* feat, int64_t channels, const Grid& grid_in, acc_t* rows = nullptr)
-      : grid(grid_in), norm(grid_in.pixels(), acc_t(0)), sim(grid_in.directions * grid_in.pixels(), acc_t(0)) {
+      : grid(grid_in),
+        norm(grid_in.pixels(), acc_t(0)),
+        sim(grid_in.directions * grid_in.pixels(), acc_t(0)) {
     const int64_t n = grid.pixels();
     // A chunk of pixels at a time, for every channel: the chunk's sums (and rows) stay in cache
     // while each channel's segment of the features is read contiguously, once (plus a row of
@@ -74,12 +84,14 @@ struct PixelGraph {
       const int64_t p1 = std::min(n, p0 + kChunkPixels);
       for (int64_t c = 0; c < channels; ++c) {
         const scalar_t* v = feat + c * n;
-        for (int64_t p = p0; p < p1; ++p) norm[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p]);
+        for (int64_t p = p0; p < p1; ++p)
+          norm[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p]);
         for (int d = 0; d < grid.directions; ++d) {
           const int64_t off = grid.offset(d);
           const int64_t end = std::min(p1, n - off);
           acc_t* out = sim.data() + d * n;
-          for (int64_t p = p0; p < end; ++p) out[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p + off]);
+          for (int64_t p = p0; p < end; ++p)
+            out[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p + off]);
         }
         if (rows != nullptr) {
           for (int64_t p = p0; p < p1; ++p) rows[p * channels + c] = static_cast<acc_t>(v[p]);

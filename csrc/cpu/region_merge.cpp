@@ -32,13 +32,14 @@ constexpr double kMadToSigma = 1.4826;
 
 Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {
   check_dim(op, "feat", feat, 4);
-  TORCH_CHECK(at::isFloatingType(feat.scalar_type()), op, ": feat should be a floating tensor, got ",
-              feat.scalar_type());
+  TORCH_CHECK(at::isFloatingType(feat.scalar_type()), op,
+              ": feat should be a floating tensor, got ", feat.scalar_type());
   TORCH_CHECK(connectivity == 4 || connectivity == 8, op, ": connectivity should be 4 or 8, got ",
               connectivity);
   const int64_t height = feat.size(2), width = feat.size(3);
   TORCH_CHECK(height * width < std::numeric_limits<int32_t>::max(), op,
-              ": images of at most 2^31 - 1 pixels are supported, got H x W = ", height, " x ", width);
+              ": images of at most 2^31 - 1 pixels are supported, got H x W = ", height, " x ",
+              width);
   return Grid{height, width, connectivity == 4 ? 2 : 4};
 }
 
@@ -60,13 +61,14 @@ double auto_threshold(const PixelGraph<acc_t>& graph) {
   if (values.empty()) return std::numeric_limits<double>::infinity();
   const acc_t median = lower_median(values);
   for (acc_t& s : values) s = std::abs(s - median);
-  return static_cast<double>(median) - kAutoMadFactor * kMadToSigma * static_cast<double>(lower_median(values));
+  return static_cast<double>(median) -
+         kAutoMadFactor * kMadToSigma * static_cast<double>(lower_median(values));
 }
 
 // Merges one image feat [channels, H*W] into labels [H*W]; returns the number of regions.
 template <typename scalar_t>
-int64_t merge_image(const scalar_t* feat, int64_t channels, const Grid& grid, std::optional<double> threshold,
-                    bool average, int64_t* labels) {
+int64_t merge_image(const scalar_t* feat, int64_t channels, const Grid& grid,
+                    std::optional<double> threshold, bool average, int64_t* labels) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> rows(average ? grid.pixels() * channels : 0);
   const PixelGraph<acc_t> graph(feat, channels, grid, average ? rows.data() : nullptr);
@@ -87,8 +89,8 @@ at::Tensor check_threshold(const at::Tensor& threshold, const at::Tensor& feat) 
   constexpr const char* op = "region_merge";
   check_dim(op, "threshold", threshold, 1);
   check_size(op, "threshold", threshold, 0, feat.size(0), "feat.shape[0] (B)");
-  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), op, ": threshold should be a floating tensor, got ",
-              threshold.scalar_type());
+  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), op,
+              ": threshold should be a floating tensor, got ", threshold.scalar_type());
   check_same_device(op, "threshold", threshold, feat);
   const at::Tensor values = threshold.to(at::kDouble).contiguous();
   const at::Tensor nan = values.isnan();
@@ -99,13 +101,15 @@ at::Tensor check_threshold(const at::Tensor& threshold, const at::Tensor& feat) 
 
 std::tuple<at::Tensor, at::Tensor> region_merge_cpu(const at::Tensor& feat_in,
                                                     const std::optional<at::Tensor>& threshold,
-                                                    int64_t connectivity, c10::string_view linkage) {
+                                                    int64_t connectivity,
+                                                    c10::string_view linkage) {
   constexpr const char* op = "region_merge";
   const Grid grid = check_feat(op, feat_in, connectivity);
-  TORCH_CHECK(linkage == "single" || linkage == "average", op, ": linkage should be 'single' or 'average', got '",
-              std::string(linkage), "'");
+  TORCH_CHECK(linkage == "single" || linkage == "average", op,
+              ": linkage should be 'single' or 'average', got '", std::string(linkage), "'");
   const bool average = linkage == "average";
-  const at::Tensor thresholds = threshold.has_value() ? check_threshold(*threshold, feat_in) : at::Tensor();
+  const at::Tensor thresholds =
+      threshold.has_value() ? check_threshold(*threshold, feat_in) : at::Tensor();
   const at::Tensor feat = feat_in.contiguous();
   const int64_t batch = feat.size(0), channels = feat.size(1), n = grid.pixels();
   at::Tensor labels = at::empty({batch, grid.height, grid.width}, feat.options().dtype(at::kLong));
@@ -119,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> region_merge_cpu(const at::Tensor& feat_in,
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const std::optional<double> image_thr = thr ? std::optional<double>(thr[b]) : std::nullopt;
-        num_data[b] = merge_image(data + b * channels * n, channels, grid, image_thr, average, label_data + b * n);
+        num_data[b] = merge_image(data + b * channels * n, channels, grid, image_thr, average,
+                                  label_data + b * n);
       }
     });
   });
