@@ -109,34 +109,6 @@ struct PixelGraph {
     }
   }
 
-  // Adds `K` consecutive channel planes (planes[k * H*W + p]) to the squared norms and the dot
-  // products of pixels p0..p1-1: one update of each sum per K channels.
-  template <int K, typename scalar_t>
-  void accumulate(const scalar_t* planes, int64_t p0, int64_t p1) {
-    const int64_t n = grid.pixels();
-    for (int64_t p = p0; p < p1; ++p) {
-      acc_t total = 0;
-      for (int k = 0; k < K; ++k) {
-        const acc_t x = static_cast<acc_t>(planes[k * n + p]);
-        total += x * x;
-      }
-      norm[p] += total;
-    }
-    for (int d = 0; d < grid.directions; ++d) {
-      const int64_t off = grid.offset(d);
-      const int64_t end = std::min(p1, n - off);
-      acc_t* out = sim.data() + d * n;
-      for (int64_t p = p0; p < end; ++p) {
-        acc_t total = 0;
-        for (int k = 0; k < K; ++k) {
-          total +=
-              static_cast<acc_t>(planes[k * n + p]) * static_cast<acc_t>(planes[k * n + p + off]);
-        }
-        out[p] += total;
-      }
-    }
-  }
-
   // Calls f(p, q, similarity) for every edge, p < q, in raster order of p.
   template <typename F>
   void for_each_edge(F&& f) const {
@@ -150,6 +122,34 @@ struct PixelGraph {
           }
         }
       }
+    }
+  }
+
+ private:
+  // Adds `K` consecutive channel planes (planes[k * H*W + p]) to the squared norms and the dot
+  // products of pixels p0..p1-1: one update of each sum per K channels.
+  template <int K, typename scalar_t>
+  void accumulate(const scalar_t* planes, int64_t p0, int64_t p1) {
+    const int64_t n = grid.pixels();
+    add_products<K>(planes, n, 0, p0, p1, norm.data());
+    for (int d = 0; d < grid.directions; ++d) {
+      const int64_t off = grid.offset(d);
+      add_products<K>(planes, n, off, p0, std::min(p1, n - off), sim.data() + d * n);
+    }
+  }
+
+  // out[p] += sum_k planes[k * n + p] * planes[k * n + p + off] for p in [p0, p1). The
+  // pointers never alias, which lets the compiler vectorise over p without runtime checks.
+  template <int K, typename scalar_t>
+  static void add_products(const scalar_t* __restrict planes, int64_t n, int64_t off, int64_t p0,
+                           int64_t p1, acc_t* __restrict out) {
+    for (int64_t p = p0; p < p1; ++p) {
+      acc_t total = 0;
+      for (int k = 0; k < K; ++k) {
+        total +=
+            static_cast<acc_t>(planes[k * n + p]) * static_cast<acc_t>(planes[k * n + p + off]);
+      }
+      out[p] += total;
     }
   }
 };
