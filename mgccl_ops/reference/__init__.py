@@ -8,4 +8,9 @@ from mgccl_ops.reference.contrastive import contrastive_loss
 from mgccl_ops.reference.mining import hard_negative_loss, topk_hard_negatives
 from mgccl_ops.reference.multi_grained import multi_grained_loss
 
-__all__ = ["contrastive_loss", "hard_negative_loss", "multi_grained_loss", "topk_hard_negatives"]
+__all__ = [
+    "contrastive_loss",
+    "hard_negative_loss",
+    "multi_grained_loss",
+    "topk_hard_negatives",
+]
