@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_nega
 
   at::Tensor loss;
   if (reduction == "none") {
-    loss = weight.has_value() ? row_loss * w : row_loss;
+    loss = weight.has_value() ? row_loss * w : row_loss.clone();  // outputs must not alias
   } else {
     loss = reduction == "sum" ? (row_loss * w).sum() : (row_loss * c_rows).sum();
   }

@@ -18,8 +18,8 @@ namespace mgccl {
 namespace {
 
 constexpr const char* kOp = "topk_hard_negatives";
-constexpr int64_t kTileRows = 64;
-constexpr int64_t kKeyBlock = 4096;
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kKeyBlock = 512;
 
 // The best `capacity` (similarity, key) pairs of one row seen so far, stored in `value` and
 // `key` as a heap whose root is the worst pair: the smaller similarity, and on equal
