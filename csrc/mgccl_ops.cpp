@@ -42,6 +42,12 @@ TORCH_LIBRARY(mgccl, m) {
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
 }
 
+// Backward operators are not differentiable themselves (no double backward): autograd passes
+// through them without recording a graph.
+TORCH_LIBRARY_IMPL(mgccl, Autograd, m) {
+  m.impl("contrastive_loss_backward", torch::CppFunction::makeFallthrough());
+}
+
 namespace {
 
 pybind11::dict build_info() {

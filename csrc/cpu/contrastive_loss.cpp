@@ -1,7 +1,7 @@
 // CPU kernel of the fused similarity + contrastive loss (DESIGN.md op 1).
 //
 // The logits S = scale * q k^T are produced one row tile at a time ([rows, M], at most
-// kTileElements floats), reduced to per-row (and, when symmetric, per-column) log-sum-exps and
+// kTileBytes), reduced to per-row (and, when symmetric, per-column) log-sum-exps and
 // dropped: the N x M matrix never exists. For reduction "mean"/"sum" the gradient pass runs on
 // the same tile (non-symmetric: one sweep, three matrix products in all) or in a second sweep
 // once the column log-sum-exps are complete (symmetric).
@@ -17,10 +17,12 @@ namespace mgccl {
 namespace {
 
 constexpr const char* kOp = "contrastive_loss";
-constexpr int64_t kTileElements = int64_t{1} << 22;
+// Bytes of one logits tile; larger tiles keep the matrix products near torch.mm's speed.
+constexpr int64_t kTileBytes = int64_t{64} << 20;
 
-int64_t rows_per_tile(int64_t n, int64_t m) {
-  return std::max<int64_t>(1, std::min<int64_t>(n, kTileElements / std::max<int64_t>(m, 1)));
+int64_t rows_per_tile(int64_t n, int64_t m, at::ScalarType acc) {
+  const int64_t elements = kTileBytes / static_cast<int64_t>(c10::elementSize(acc));
+  return std::max<int64_t>(1, std::min<int64_t>(n, elements / std::max<int64_t>(m, 1)));
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
@@ -58,7 +60,7 @@ struct GradientSink {
   GradientSink(const at::Tensor& q, const at::Tensor& k, at::ScalarType acc, double scale,
                std::array<bool, 3> mask)
       : scale(scale), want_q(mask[0]), want_k(mask[1]), want_scale(mask[2]) {
-    if (want_q) grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
+    if (want_q) grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);  // rows stay 0 if M == 0
     if (want_k) grad_k = at::zeros(k.sizes(), k.options().dtype(acc));
   }
 
@@ -87,9 +89,9 @@ struct GradientSink {
 
 // dLoss/dS for one row tile, computed in place of S. c_rows [rows]: the loss weight of each
 // row; the positive logit takes -c_i. Symmetric adds the column softmax weighted by c_cols [M].
-at::Tensor logit_gradient(at::Tensor S, const at::Tensor& row_lse, const at::Tensor& c_rows,
-                          const at::Tensor& pos_rows, const at::Tensor& col_lse,
-                          const at::Tensor& c_cols, bool symmetric) {
+void logit_gradient(at::Tensor& S, const at::Tensor& row_lse, const at::Tensor& c_rows,
+                    const at::Tensor& pos_rows, const at::Tensor& col_lse, const at::Tensor& c_cols,
+                    bool symmetric) {
   if (symmetric) {
     const at::Tensor column_part = (S - col_lse.unsqueeze(0)).exp_().mul_(c_cols.unsqueeze(0));
     S.sub_(row_lse.unsqueeze(1)).exp_().mul_(c_rows.unsqueeze(1)).add_(column_part).mul_(0.5);
@@ -97,12 +99,11 @@ at::Tensor logit_gradient(at::Tensor S, const at::Tensor& row_lse, const at::Ten
     S.sub_(row_lse.unsqueeze(1)).exp_().mul_(c_rows.unsqueeze(1));
   }
   S.scatter_add_(1, pos_rows.clamp_min(0).unsqueeze(1), -c_rows.unsqueeze(1));
-  return S;
 }
 
 struct Prepared {
-  at::Tensor k_acc;       // [M, D] keys in the accumulation dtype
-  at::Tensor pos;         // [N]
+  at::Tensor k_acc;  // [M, D] keys in the accumulation dtype
+  at::Tensor pos;    // [N]
   at::ScalarType acc;
   double scale;
 };
@@ -127,12 +128,12 @@ at::Tensor column_coefficients(const at::Tensor& c_rows, const at::Tensor& pos, 
 // Second sweep: gradients given complete log-sum-exps. c_rows [N] = dLoss/dloss_row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_sweep(
     const at::Tensor& q, const at::Tensor& k, const Prepared& p, const at::Tensor& scale_t,
-    const at::Tensor& c_rows, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    bool symmetric, std::array<bool, 3> mask) {
+    const at::Tensor& c_rows, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
+    std::array<bool, 3> mask) {
   const int64_t n = q.size(0), m = k.size(0);
   GradientSink sink(q, k, p.acc, p.scale, mask);
   const at::Tensor c_cols = symmetric ? column_coefficients(c_rows, p.pos, m) : at::Tensor();
-  const int64_t tile = rows_per_tile(n, m);
+  const int64_t tile = rows_per_tile(n, m, p.acc);
   for (int64_t row0 = 0; row0 < n && m > 0; row0 += tile) {
     const int64_t rows = std::min(tile, n - row0);
     at::Tensor q_tile;
@@ -148,6 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& pos_in,
                      const at::Tensor& scale_t, const std::optional<at::Tensor>& weight,
                      c10::string_view reduction, bool symmetric, std::array<bool, 3> grad_mask) {
+  // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos_in, scale_t, symmetric);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
@@ -170,30 +173,38 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   at::Tensor pos_logit = at::zeros({n}, acc_opts);
   at::Tensor col_max = at::full({symmetric ? m : 0}, -INFINITY, acc_opts);
   at::Tensor col_sum = at::zeros({symmetric ? m : 0}, acc_opts);
-  const bool fuse_gradients = reduction != "none" && !symmetric &&
-                              (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  const bool fuse_gradients =
+      reduction != "none" && !symmetric && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
   const double total_weight = reduction == "mean" ? w.sum().item<double>() : 1.0;
   const at::Tensor c_rows = total_weight == 0.0 ? at::zeros_like(w) : w / total_weight;
-  GradientSink sink(q, k, p.acc, p.scale, fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
+  GradientSink sink(q, k, p.acc, p.scale,
+                    fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
 
-  const int64_t tile = rows_per_tile(n, m);
+  const int64_t tile = rows_per_tile(n, m, p.acc);
   for (int64_t row0 = 0; row0 < n && m > 0; row0 += tile) {
     const int64_t rows = std::min(tile, n - row0);
     at::Tensor q_tile;
     at::Tensor S = scaled_logits(q, row0, rows, p, &q_tile);
     const at::Tensor pos_rows = p.pos.narrow(0, row0, rows);
-    const at::Tensor lse = at::logsumexp(S, {1});
-    row_lse.narrow(0, row0, rows).copy_(lse);
     pos_logit.narrow(0, row0, rows)
         .copy_(S.gather(1, pos_rows.clamp_min(0).unsqueeze(1)).squeeze(1));
     if (symmetric) {
-      const at::Tensor new_max = at::maximum(col_max, std::get<0>(S.max(0)));
+      row_lse.narrow(0, row0, rows).copy_(at::logsumexp(S, {1}));
+      const at::Tensor new_max = at::maximum(col_max, S.amax(0));
       col_sum.mul_((col_max - new_max).exp_()).add_((S - new_max.unsqueeze(0)).exp_().sum(0));
       col_max = new_max;
+      continue;
     }
+    // S <- exp(S - rowmax) in place; then lse = rowmax + log(rowsum).
+    const at::Tensor row_max = S.amax(1);
+    S.sub_(row_max.unsqueeze(1)).exp_();
+    const at::Tensor lse = row_max + S.sum(1).log_();
+    row_lse.narrow(0, row0, rows).copy_(lse);
     if (fuse_gradients) {
-      logit_gradient(S, lse, c_rows.narrow(0, row0, rows), pos_rows, at::Tensor(), at::Tensor(),
-                     false);
+      // G = c_i * softmax_ij - c_i [j = pos_i], from exp(S - rowmax) without another exp.
+      const at::Tensor c_tile = c_rows.narrow(0, row0, rows);
+      S.mul_(((row_max - lse).exp_() * c_tile).unsqueeze(1));
+      S.scatter_add_(1, pos_rows.clamp_min(0).unsqueeze(1), -c_tile.unsqueeze(1));
       sink.add_tile(row0, q_tile, p.k_acc, S);
     }
   }
@@ -223,17 +234,18 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
-    const at::Tensor& row_grad, const at::Tensor& q_in, const at::Tensor& k,
-    const at::Tensor& pos, const at::Tensor& scale_t, const at::Tensor& row_lse,
-    const at::Tensor& col_lse, bool symmetric, std::array<bool, 3> grad_mask) {
+    const at::Tensor& row_grad, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& pos,
+    const at::Tensor& scale_t, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
+    std::array<bool, 3> grad_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos, scale_t, symmetric);
   check_dim("contrastive_loss_backward", "row_grad", row_grad, 1);
   check_size("contrastive_loss_backward", "row_grad", row_grad, 0, q_in.size(0), "q.shape[0]");
   const at::Tensor q = q_in.contiguous();
   const Prepared p = prepare(q, k, pos, scale_t);
   const at::Tensor c_rows = row_grad.to(p.acc) * p.pos.ge(0).to(p.acc);
-  return gradient_sweep(q, k, p, scale_t, c_rows, row_lse.to(p.acc), col_lse.to(p.acc),
-                        symmetric, grad_mask);
+  return gradient_sweep(q, k, p, scale_t, c_rows, row_lse.to(p.acc), col_lse.to(p.acc), symmetric,
+                        grad_mask);
 }
 
 }  // namespace
