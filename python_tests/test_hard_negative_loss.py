@@ -45,15 +45,9 @@ def loss_and_grads(fn, q, k, pos, neg_idx, scale, weight, reduction):
 def test_matches_reference(dtype, reduction, use_weight):
     q, k, pos, neg_idx, weight = make_inputs(47, 23, 31, 6, dtype)
     weight = weight if use_weight else None
-    scale = torch.tensor(
-        7.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32
-    )
-    ours, our_grads = loss_and_grads(
-        mgccl_ops.hard_negative_loss, q, k, pos, neg_idx, scale, weight, reduction
-    )
-    ref, ref_grads = loss_and_grads(
-        reference.hard_negative_loss, q, k, pos, neg_idx, scale, weight, reduction
-    )
+    scale = torch.tensor(7.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ours, our_grads = loss_and_grads(mgccl_ops.hard_negative_loss, q, k, pos, neg_idx, scale, weight, reduction)
+    ref, ref_grads = loss_and_grads(reference.hard_negative_loss, q, k, pos, neg_idx, scale, weight, reduction)
     assert ours.dtype == ref.dtype
     assert_close(ours, ref, dtype, "loss")
     for name, a, b in zip(["grad_q", "grad_k", "grad_scale"], our_grads, ref_grads):
@@ -71,9 +65,7 @@ def test_float_scale_and_no_grad_inputs():
     (ref_grad,) = torch.autograd.grad(ref, [q])
     assert_close(grad, ref_grad, torch.float32, "grad_q")
     with torch.no_grad():
-        assert_close(
-            mgccl_ops.hard_negative_loss(q, k, pos, neg_idx, 3.5), ref, torch.float32
-        )
+        assert_close(mgccl_ops.hard_negative_loss(q, k, pos, neg_idx, 3.5), ref, torch.float32)
 
 
 def test_gradcheck():
@@ -84,9 +76,7 @@ def test_gradcheck():
     for reduction in ["mean", "none"]:
 
         def fn(q, k, scale, reduction=reduction):
-            return mgccl_ops.hard_negative_loss(
-                q, k, pos, neg_idx, scale, weight=weight, reduction=reduction
-            )
+            return mgccl_ops.hard_negative_loss(q, k, pos, neg_idx, scale, weight=weight, reduction=reduction)
 
         assert torch.autograd.gradcheck(fn, (q, k, scale))
 
@@ -97,17 +87,13 @@ def test_duplicates_count_and_accumulate_deterministically():
     pos = torch.zeros(64, dtype=torch.long)
     twice = torch.tensor([[1, 1, 2]]).expand(64, 3).contiguous()
     listed = reference.hard_negative_loss(q, k, pos, twice, 4.0)
-    assert_close(
-        mgccl_ops.hard_negative_loss(q, k, pos, twice, 4.0), listed, torch.float32
-    )
+    assert_close(mgccl_ops.hard_negative_loss(q, k, pos, twice, 4.0), listed, torch.float32)
     once = mgccl_ops.hard_negative_loss(q, k, pos, twice[:, 1:], 4.0)
     assert (listed - once).abs() > 1e-3
     results = []
     for _ in range(3):
         k_leaf = k.clone().requires_grad_()
-        loss = mgccl_ops.hard_negative_loss(
-            q, k_leaf, pos, twice, 4.0, reduction="none"
-        )
+        loss = mgccl_ops.hard_negative_loss(q, k_leaf, pos, twice, 4.0, reduction="none")
         (grad,) = torch.autograd.grad(loss.sum(), [k_leaf])
         results.append(grad)
     assert all(torch.equal(results[0], r) for r in results[1:])
@@ -182,9 +168,7 @@ def test_compile_fullgraph():
     compiled_loss = compiled(q, k, scale)
     compiled_grads = torch.autograd.grad(compiled_loss, [q, k, scale])
     assert_close(compiled_loss, eager_loss, torch.float32, "loss")
-    for name, a, b in zip(
-        ["grad_q", "grad_k", "grad_scale"], compiled_grads, eager_grads
-    ):
+    for name, a, b in zip(["grad_q", "grad_k", "grad_scale"], compiled_grads, eager_grads):
         assert_close(a, b, torch.float32, name)
 
 

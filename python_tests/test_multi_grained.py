@@ -20,9 +20,7 @@ def make_inputs(sizes, m, d, dtype, groups=5, seed=0, with_groups=True):
     k_group = torch.randint(0, groups, (m,), generator=g)
     levels = []
     for index, n in enumerate(sizes):
-        q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(
-            dtype
-        )
+        q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
         pos = torch.randint(0, m, (n,), generator=g)
         pos[index::4] = -1
         weight = 1.0 / (index + 1)
@@ -47,16 +45,10 @@ def run(fn, levels, k, scale, **kwargs):
 @pytest.mark.parametrize("hard_negatives", [None, 0, 3, 100])
 def test_matches_reference(dtype, hard_negatives):
     levels, k, k_group = make_inputs([13, 40, 7], 29, 16, dtype)
-    scale = torch.tensor(
-        9.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32
-    )
+    scale = torch.tensor(9.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     kwargs = {"k_group": k_group, "hard_negatives": hard_negatives}
-    total, per_level, grads = run(
-        mgccl_ops.multi_grained_loss, levels, k, scale, **kwargs
-    )
-    ref_total, ref_per_level, ref_grads = run(
-        reference.multi_grained_loss, levels, k, scale, **kwargs
-    )
+    total, per_level, grads = run(mgccl_ops.multi_grained_loss, levels, k, scale, **kwargs)
+    ref_total, ref_per_level, ref_grads = run(reference.multi_grained_loss, levels, k, scale, **kwargs)
     assert total.shape == () and per_level.shape == (3,)
     assert not per_level.requires_grad
     assert_close(total, ref_total, dtype, "total")
@@ -78,16 +70,10 @@ def test_groups_steer_the_mining():
     """With every key in the rows' own group nothing is left to mine: each row loss is 0."""
     levels, k, _ = make_inputs([6, 5], 8, 4, torch.float32, with_groups=False)
     k_group = torch.zeros(8, dtype=torch.long)
-    grouped = [
-        (q, pos, w, torch.zeros(q.shape[0], dtype=torch.long)) for q, pos, w in levels
-    ]
-    total, per_level = mgccl_ops.multi_grained_loss(
-        grouped, k, 4.0, k_group=k_group, hard_negatives=3
-    )
+    grouped = [(q, pos, w, torch.zeros(q.shape[0], dtype=torch.long)) for q, pos, w in levels]
+    total, per_level = mgccl_ops.multi_grained_loss(grouped, k, 4.0, k_group=k_group, hard_negatives=3)
     assert total.item() == 0.0 and (per_level == 0).all()
-    total, _ = mgccl_ops.multi_grained_loss(
-        levels, k, 4.0, k_group=k_group, hard_negatives=3
-    )
+    total, _ = mgccl_ops.multi_grained_loss(levels, k, 4.0, k_group=k_group, hard_negatives=3)
     assert total.item() > 0
 
 
@@ -107,9 +93,7 @@ def test_level_without_valid_rows_and_empty_level():
         )
         assert per_level[1] == 0 and per_level[2] == 0
         assert not grads[1].any() and grads[2].shape == (0, 4)
-        ref = reference.multi_grained_loss(
-            levels, k, 2.0, k_group=k_group, hard_negatives=hard_negatives
-        )
+        ref = reference.multi_grained_loss(levels, k, 2.0, k_group=k_group, hard_negatives=hard_negatives)
         assert_close(total, ref[0], torch.float32)
 
 
@@ -120,9 +104,7 @@ def test_compile_fullgraph():
 
     def loss_fn(q0, q1, scale, hard_negatives):
         rebuilt = [(q0, *levels[0][1:]), (q1, *levels[1][1:])]
-        return mgccl_ops.multi_grained_loss(
-            rebuilt, k, scale, k_group=k_group, hard_negatives=hard_negatives
-        )
+        return mgccl_ops.multi_grained_loss(rebuilt, k, scale, k_group=k_group, hard_negatives=hard_negatives)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for hard_negatives in (None, 3):

@@ -24,11 +24,7 @@ def make_inputs(n, m, d, dtype, groups=4, seed=0, integer=False):
     else:
         q = torch.randn(n, d, generator=g).to(dtype)
         k = torch.randn(m, d, generator=g).to(dtype)
-    pos = (
-        torch.randint(-1, max(m, 1), (n,), generator=g)
-        if m > 0
-        else torch.full((n,), -1)
-    )
+    pos = torch.randint(-1, max(m, 1), (n,), generator=g) if m > 0 else torch.full((n,), -1)
     q_group = torch.randint(0, groups, (n,), generator=g)
     k_group = torch.randint(0, groups, (m,), generator=g)
     return q, k, pos, q_group, k_group
@@ -39,9 +35,7 @@ def exact_similarity(q, k):
     return q.double() @ k.double().T
 
 
-def assert_valid_selection(
-    q, k, num, idx, sim, pos=None, q_group=None, k_group=None, atol=0.0
-):
+def assert_valid_selection(q, k, num, idx, sim, pos=None, q_group=None, k_group=None, atol=0.0):
     """The defining properties of a mining result, checked row by row.
 
     Returned keys are allowed and distinct, ``sim`` equals ``<q_i, k_idx>`` and is sorted
@@ -57,36 +51,24 @@ def assert_valid_selection(
         expected_count = min(num, int(allowed[i].sum()))
         row_idx, row_sim = idx[i], sim[i]
         assert (row_idx[expected_count:] == -1).all(), f"row {i}: padding {row_idx}"
-        assert torch.isneginf(row_sim[expected_count:]).all(), (
-            f"row {i}: padding {row_sim}"
-        )
+        assert torch.isneginf(row_sim[expected_count:]).all(), f"row {i}: padding {row_sim}"
         chosen = row_idx[:expected_count]
-        assert (chosen >= 0).all() and allowed[i, chosen].all(), (
-            f"row {i}: {chosen} not allowed"
-        )
-        assert len(set(chosen.tolist())) == expected_count, (
-            f"row {i}: repeated keys {chosen}"
-        )
+        assert (chosen >= 0).all() and allowed[i, chosen].all(), f"row {i}: {chosen} not allowed"
+        assert len(set(chosen.tolist())) == expected_count, f"row {i}: repeated keys {chosen}"
         true_sim = full[i, chosen]
-        torch.testing.assert_close(
-            row_sim[:expected_count].double(), true_sim, atol=atol + 1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(row_sim[:expected_count].double(), true_sim, atol=atol + 1e-5, rtol=1e-5)
         for a in range(expected_count - 1):
             s0, s1 = row_sim[a].item(), row_sim[a + 1].item()
-            assert (
-                s0 > s1
-                or (s0 == s1 and chosen[a] < chosen[a + 1])
-                or abs(s0 - s1) <= atol
-            ), f"row {i}: not sorted at {a}: {row_sim[:expected_count]} {chosen}"
+            assert s0 > s1 or (s0 == s1 and chosen[a] < chosen[a + 1]) or abs(s0 - s1) <= atol, (
+                f"row {i}: not sorted at {a}: {row_sim[:expected_count]} {chosen}"
+            )
         if 0 < expected_count:
             left_out = allowed[i].clone()
             left_out[chosen] = False
             if left_out.any():
                 last = true_sim[-1].item()
                 best_left = full[i][left_out].max().item()
-                assert best_left <= last + atol, (
-                    f"row {i}: left out {best_left} > last {last}"
-                )
+                assert best_left <= last + atol, f"row {i}: left out {best_left} > last {last}"
 
 
 def assert_same_selection(idx, sim, ref_idx, ref_sim, atol):
@@ -95,9 +77,7 @@ def assert_same_selection(idx, sim, ref_idx, ref_sim, atol):
     assert torch.equal(idx == -1, ref_idx == -1)
     padded = torch.cat([ref_sim, torch.full_like(ref_sim[:, :1], float("-inf"))], dim=1)
     gap_after = padded[:, :-1] - padded[:, 1:]
-    gap_before = torch.cat(
-        [torch.full_like(ref_sim[:, :1], float("inf")), gap_after[:, :-1]], 1
-    )
+    gap_before = torch.cat([torch.full_like(ref_sim[:, :1], float("inf")), gap_after[:, :-1]], 1)
     clear = (gap_after > 2 * atol) & (gap_before > 2 * atol)
     mismatched = clear & (idx != ref_idx)
     assert not mismatched.any(), (
@@ -109,37 +89,23 @@ def assert_same_selection(idx, sim, ref_idx, ref_sim, atol):
 @pytest.mark.parametrize("num", [0, 1, 7, 123])
 def test_matches_reference(dtype, num):
     q, k, pos, q_group, k_group = make_inputs(47, 123, 31, dtype)
-    ours = mgccl_ops.topk_hard_negatives(
-        q, k, num, pos=pos, q_group=q_group, k_group=k_group
-    )
-    ref = reference.topk_hard_negatives(
-        q, k, num, pos=pos, q_group=q_group, k_group=k_group
-    )
+    ours = mgccl_ops.topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group)
+    ref = reference.topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group)
     assert_same_selection(*ours, *ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("num", [1, 5, 40])
 def test_exact_ties_match_reference(num):
     q, k, pos, q_group, k_group = make_inputs(60, 40, 5, torch.float32, integer=True)
-    ours = mgccl_ops.topk_hard_negatives(
-        q, k, num, pos=pos, q_group=q_group, k_group=k_group
-    )
-    ref = reference.topk_hard_negatives(
-        q, k, num, pos=pos, q_group=q_group, k_group=k_group
-    )
+    ours = mgccl_ops.topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group)
+    ref = reference.topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
 
 
 def test_spans_several_key_blocks_and_row_tiles():
-    q, k, pos, q_group, k_group = make_inputs(
-        600, 1500, 16, torch.float32, groups=50, seed=3
-    )
-    idx, sim = mgccl_ops.topk_hard_negatives(
-        q, k, 20, pos=pos, q_group=q_group, k_group=k_group
-    )
-    ref = reference.topk_hard_negatives(
-        q, k, 20, pos=pos, q_group=q_group, k_group=k_group
-    )
+    q, k, pos, q_group, k_group = make_inputs(600, 1500, 16, torch.float32, groups=50, seed=3)
+    idx, sim = mgccl_ops.topk_hard_negatives(q, k, 20, pos=pos, q_group=q_group, k_group=k_group)
+    ref = reference.topk_hard_negatives(q, k, 20, pos=pos, q_group=q_group, k_group=k_group)
     assert_same_selection(idx, sim, *ref, atol=1e-4)
 
 
@@ -156,9 +122,7 @@ def test_rows_with_every_key_excluded_are_padding():
     k_group = torch.tensor([0, 0, 1, 1])
     q_group = torch.tensor([0, 1, 2, 0, 1, 2])
     pos = torch.tensor([2, 0, -1, 3, 3, 1])
-    idx, sim = mgccl_ops.topk_hard_negatives(
-        q, k, 4, pos=pos, q_group=q_group, k_group=k_group
-    )
+    idx, sim = mgccl_ops.topk_hard_negatives(q, k, 4, pos=pos, q_group=q_group, k_group=k_group)
     assert_valid_selection(q, k, 4, idx, sim, pos, q_group, k_group)
     assert (idx >= 0).sum(1).tolist() == [1, 1, 4, 1, 2, 3]
     all_excluded = mgccl_ops.topk_hard_negatives(
@@ -192,9 +156,7 @@ def test_matches_faiss_over_allowed_keys(num):
     """faiss searches all keys; asking for num + (most keys any row excludes) candidates and
     dropping the excluded ones gives the top num allowed keys of every row."""
     faiss = pytest.importorskip("faiss")
-    q, k, pos, q_group, k_group = make_inputs(
-        300, 500, 32, torch.float32, groups=40, seed=7
-    )
+    q, k, pos, q_group, k_group = make_inputs(300, 500, 32, torch.float32, groups=40, seed=7)
     allowed = allowed_keys(300, 500, q.device, pos, q_group, k_group)
     extra = int((~allowed).sum(1).max())
     index = faiss.IndexFlatIP(32)
@@ -202,13 +164,9 @@ def test_matches_faiss_over_allowed_keys(num):
     cand_sim, cand_idx = index.search(q.numpy(), num + extra)
     cand_sim, cand_idx = torch.from_numpy(cand_sim), torch.from_numpy(cand_idx)
     keep = allowed.gather(1, cand_idx)
-    order = torch.sort(
-        keep.to(torch.int8), dim=1, descending=True, stable=True
-    ).indices[:, :num]
+    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num]
     faiss_idx, faiss_sim = cand_idx.gather(1, order), cand_sim.gather(1, order)
-    idx, sim = mgccl_ops.topk_hard_negatives(
-        q, k, num, pos=pos, q_group=q_group, k_group=k_group
-    )
+    idx, sim = mgccl_ops.topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group)
     assert_same_selection(idx, sim, faiss_idx, faiss_sim, atol=1e-4)
 
 
@@ -222,9 +180,7 @@ def test_matches_faiss_over_allowed_keys(num):
     seed=st.integers(0, 2**16),
 )
 def test_properties(n, m, d, num_fraction, use_pos, groups, seed):
-    q, k, pos, q_group, k_group = make_inputs(
-        n, m, d, torch.float32, max(groups, 1), seed, integer=True
-    )
+    q, k, pos, q_group, k_group = make_inputs(n, m, d, torch.float32, max(groups, 1), seed, integer=True)
     num = round(num_fraction * m)
     kwargs = {"pos": pos if use_pos else None}
     if groups:
@@ -249,14 +205,10 @@ def test_compile_fullgraph():
     q, k, pos, q_group, k_group = make_inputs(9, 11, 5, torch.float32)
 
     def mine(q, k, pos, q_group, k_group):
-        return mgccl_ops.topk_hard_negatives(
-            q, k, 3, pos=pos, q_group=q_group, k_group=k_group
-        )
+        return mgccl_ops.topk_hard_negatives(q, k, 3, pos=pos, q_group=q_group, k_group=k_group)
 
     compiled = torch.compile(mine, fullgraph=True, backend="eager")
-    for a, b in zip(
-        compiled(q, k, pos, q_group, k_group), mine(q, k, pos, q_group, k_group)
-    ):
+    for a, b in zip(compiled(q, k, pos, q_group, k_group), mine(q, k, pos, q_group, k_group)):
         assert torch.equal(a, b)
 
 
@@ -326,7 +278,5 @@ def test_kernel_checks_without_wrapper():
     q, k, pos, q_group, k_group = make_inputs(9, 11, 5, torch.float32)
     with pytest.raises(RuntimeError, match=r"num should lie in \[0, M = 11\], got 20"):
         torch.ops.mgccl.topk_hard_negatives.default(q, k, 20, pos, q_group, k_group)
-    with pytest.raises(
-        RuntimeError, match=r"k_group.shape\[0\] should equal k.shape\[0\] = 11"
-    ):
+    with pytest.raises(RuntimeError, match=r"k_group.shape\[0\] should equal k.shape\[0\] = 11"):
         torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, pos, q_group, k_group[:3])

@@ -114,9 +114,9 @@ void forward_rows(const Inputs& in, acc_t* dots, acc_t* row_lse, acc_t* row_loss
 // divided by scale.
 template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients(const Inputs& in, acc_t* dots,
-                                                        const acc_t* row_lse, const acc_t* c_rows,
-                                                        const at::Tensor& scale_t,
-                                                        std::array<bool, 3> mask) {
+                                                         const acc_t* row_lse, const acc_t* c_rows,
+                                                         const at::Tensor& scale_t,
+                                                         std::array<bool, 3> mask) {
   const scalar_t* q = in.q.data_ptr<scalar_t>();
   const scalar_t* k = in.k.data_ptr<scalar_t>();
   const acc_t s = static_cast<acc_t>(in.scale);
@@ -182,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients(const Inputs& in, acc_t
       }
     });
   }
-  at::Tensor grad_scale = mask[2] ? scale_part.sum().to(scale_t.scalar_type()) : scale_t.new_empty({0});
+  at::Tensor grad_scale =
+      mask[2] ? scale_part.sum().to(scale_t.scalar_type()) : scale_t.new_empty({0});
   return {grad_q, grad_k, grad_scale};
 }
 
@@ -215,8 +216,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_negative_loss_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const at::Tensor& neg_idx,
-    const at::Tensor& scale_t, const std::optional<at::Tensor>& weight,
-    c10::string_view reduction, std::array<bool, 3> grad_mask) {
+    const at::Tensor& scale_t, const std::optional<at::Tensor>& weight, c10::string_view reduction,
+    std::array<bool, 3> grad_mask) {
   check_inputs(q, k, pos, neg_idx, scale_t);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
@@ -232,8 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_nega
     check_same_device(kOp, "weight", *weight, q);
     w = weight->to(acc) * valid;
   }
-  const bool fuse_gradients =
-      reduction != "none" && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  const bool fuse_gradients = reduction != "none" && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
   const double total_weight = reduction == "mean" ? w.sum().item<double>() : 1.0;
   const at::Tensor c_rows = total_weight == 0.0 ? at::zeros_like(w) : (w / total_weight);
 

@@ -30,17 +30,13 @@ def check_mining_inputs(q, k, num, pos, q_group, k_group) -> None:
     if isinstance(num, bool) or not isinstance(num, int):
         raise TypeError(f"{MINE_OP}: num should be an int, got {type(num).__name__}")
     if not 0 <= num <= k.shape[0]:
-        raise ValueError(
-            f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}"
-        )
+        raise ValueError(f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}")
     if pos is not None:
         _checks.check_index(MINE_OP, "pos", pos, q.shape[0], "N")
         _checks.check_same_device(MINE_OP, "pos", pos, q)
     if (q_group is None) != (k_group is None):
         given = "q_group" if q_group is not None else "k_group"
-        raise ValueError(
-            f"{MINE_OP}: q_group and k_group should be given together, got only {given}"
-        )
+        raise ValueError(f"{MINE_OP}: q_group and k_group should be given together, got only {given}")
     if q_group is not None:
         _checks.check_index(MINE_OP, "q_group", q_group, q.shape[0], "N")
         _checks.check_index(MINE_OP, "k_group", k_group, k.shape[0], "M")
@@ -75,18 +71,14 @@ def topk_hard_negatives(
         than ``num`` keys are allowed. No gradient flows.
     """
     check_mining_inputs(q, k, num, pos, q_group, k_group)
-    return torch.ops.mgccl.topk_hard_negatives.default(
-        q.detach(), k.detach(), num, pos, q_group, k_group
-    )
+    return torch.ops.mgccl.topk_hard_negatives.default(q.detach(), k.detach(), num, pos, q_group, k_group)
 
 
 @torch.library.register_fake("mgccl::topk_hard_negatives")
 def _topk_hard_negatives_fake(q, k, num, pos, q_group, k_group):
     check_mining_inputs(q, k, num, pos, q_group, k_group)
     n = q.shape[0]
-    return q.new_empty((n, num), dtype=torch.int64), q.new_empty(
-        (n, num), dtype=torch.float32
-    )
+    return q.new_empty((n, num), dtype=torch.int64), q.new_empty((n, num), dtype=torch.float32)
 
 
 def check_loss_inputs(q, k, pos, neg_idx, scale, weight, reduction) -> None:
@@ -113,9 +105,7 @@ def check_loss_inputs(q, k, pos, neg_idx, scale, weight, reduction) -> None:
         _checks.check_dim(LOSS_OP, "weight", weight, 1, "[N]")
         _checks.check_size(LOSS_OP, "weight", weight, 0, q.shape[0], "q.shape[0] (N)")
         if not weight.is_floating_point():
-            raise ValueError(
-                f"{LOSS_OP}: weight should be a floating tensor, got {weight.dtype}"
-            )
+            raise ValueError(f"{LOSS_OP}: weight should be a floating tensor, got {weight.dtype}")
         _checks.check_same_device(LOSS_OP, "weight", weight, q)
     _checks.check_choice(LOSS_OP, "reduction", reduction, REDUCTIONS)
 
@@ -149,9 +139,7 @@ def hard_negative_loss(
         The loss: 0-dim, or [N] for "none" (0 for ignored rows), in float32 (float64 for
         float64 inputs). Gradients reach ``q`` and ``k`` (summed over duplicates) in their dtype.
     """
-    return hard_negative_loss_with_rows(
-        q, k, pos, neg_idx, scale, weight=weight, reduction=reduction
-    )[0]
+    return hard_negative_loss_with_rows(q, k, pos, neg_idx, scale, weight=weight, reduction=reduction)[0]
 
 
 def hard_negative_loss_with_rows(
@@ -214,15 +202,11 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
     if ctx.reduction == "none":
         q, k, pos, neg_idx, scale, weight = ctx.saved_tensors
         row_grad = grad_loss if weight is None else grad_loss * weight
-        grad_q, grad_k, grad_scale = (
-            torch.ops.mgccl.hard_negative_loss_backward.default(
-                row_grad, q, k, pos, neg_idx, scale, ctx.grad_mask
-            )
+        grad_q, grad_k, grad_scale = torch.ops.mgccl.hard_negative_loss_backward.default(
+            row_grad, q, k, pos, neg_idx, scale, ctx.grad_mask
         )
     else:
-        grad_q, grad_k, grad_scale = (
-            g * grad_loss.to(g.dtype) for g in ctx.saved_tensors
-        )
+        grad_q, grad_k, grad_scale = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     want_q, want_k, want_scale = ctx.grad_mask
     return (
         grad_q if want_q else None,
@@ -236,6 +220,4 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
     )
 
 
-torch.library.register_autograd(
-    "mgccl::hard_negative_loss", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("mgccl::hard_negative_loss", _backward, setup_context=_setup_context)

@@ -32,23 +32,15 @@ class Level(NamedTuple):
     q_group: torch.Tensor | None  # [N_l] int64
 
 
-def parse_levels(
-    levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor | None
-) -> list[Level]:
+def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor | None) -> list[Level]:
     """Checks every level tuple against the key bank and returns them as :class:`Level`."""
     _checks.check_dim(OP, "k", k, 2, "[M, D]")
     _checks.check_float(OP, "k", k)
     if k_group is not None:
         _checks.check_index(OP, "k_group", k_group, k.shape[0], "M")
         _checks.check_same_device(OP, "k_group", k_group, k)
-    if (
-        isinstance(levels, torch.Tensor)
-        or not isinstance(levels, Sequence)
-        or len(levels) == 0
-    ):
-        raise ValueError(
-            f"{OP}: levels should be a non-empty sequence of tuples, got {levels!r:.80}"
-        )
+    if isinstance(levels, torch.Tensor) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise ValueError(f"{OP}: levels should be a non-empty sequence of tuples, got {levels!r:.80}")
     parsed = []
     for index, level in enumerate(levels):
         name = f"levels[{index}]"
@@ -66,9 +58,7 @@ def parse_levels(
         _checks.check_index(OP, f"{name} pos", pos, q.shape[0], "N_l")
         _checks.check_same_device(OP, f"{name} pos", pos, q)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(
-                f"{OP}: {name} weight should be a float, got {type(weight).__name__}"
-            )
+            raise TypeError(f"{OP}: {name} weight should be a float, got {type(weight).__name__}")
         if q_group is not None:
             _checks.check_index(OP, f"{name} q_group", q_group, q.shape[0], "N_l")
             _checks.check_same_device(OP, f"{name} q_group", q_group, q)
@@ -83,9 +73,7 @@ def level_sums(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.stack([part.sum() for part in values.split(sizes)])
 
 
-def positive_dot_sums(
-    levels: list[Level], k: torch.Tensor, acc: torch.dtype
-) -> torch.Tensor:
+def positive_dot_sums(levels: list[Level], k: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """[L]: per level, the sum over rows with a positive of ``<q_i, k_pos[i]>``.
 
     ``sum_i <q_i, k_pos[i]> = sum_j <k_j, sum_{i: pos[i] = j} q_i>``: the queries are summed per
@@ -130,22 +118,14 @@ def multi_grained_loss(
     """
     parsed = parse_levels(levels, k, k_group)
     if hard_negatives is not None and (
-        isinstance(hard_negatives, bool)
-        or not isinstance(hard_negatives, int)
-        or hard_negatives < 0
+        isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
     ):
-        raise ValueError(
-            f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}"
-        )
+        raise ValueError(f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}")
     acc = accumulation_dtype(k.dtype)
     scale_t = _checks.scale_tensor(OP, scale, k)
     sizes = [level.q.shape[0] for level in parsed]
     q = parsed[0].q if len(parsed) == 1 else torch.cat([level.q for level in parsed])
-    pos = (
-        parsed[0].pos
-        if len(parsed) == 1
-        else torch.cat([level.pos for level in parsed])
-    )
+    pos = parsed[0].pos if len(parsed) == 1 else torch.cat([level.pos for level in parsed])
     valid = pos >= 0
     n_valid = level_sums(valid.to(acc), sizes)
     row_weight = torch.cat(
@@ -162,9 +142,7 @@ def multi_grained_loss(
             q, k, pos, scale_t, row_weight, "sum", False, grad_mask
         )
         lse_sums = level_sums(row_lse.detach() * valid, sizes)
-        loss_sums = lse_sums - scale_t.detach().to(acc) * positive_dot_sums(
-            parsed, k, acc
-        )
+        loss_sums = lse_sums - scale_t.detach().to(acc) * positive_dot_sums(parsed, k, acc)
     else:
         num = min(hard_negatives, k.shape[0])
         neg_idx = torch.cat(
@@ -180,11 +158,7 @@ def multi_grained_loss(
                 for level in parsed
             ]
         )
-        total, row_loss = hard_negative_loss_with_rows(
-            q, k, pos, neg_idx, scale_t, weight=row_weight, reduction="sum"
-        )
+        total, row_loss = hard_negative_loss_with_rows(q, k, pos, neg_idx, scale_t, weight=row_weight, reduction="sum")
         loss_sums = level_sums(row_loss, sizes)
-    per_level = torch.where(
-        n_valid > 0, loss_sums / n_valid.clamp_min(1), torch.zeros_like(loss_sums)
-    )
+    per_level = torch.where(n_valid > 0, loss_sums / n_valid.clamp_min(1), torch.zeros_like(loss_sums))
     return total, per_level.detach()

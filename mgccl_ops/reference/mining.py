@@ -85,9 +85,7 @@ def hard_negative_loss(
         zero = qa.sum(1) * 0 + (scale * 0 if isinstance(scale, torch.Tensor) else 0)
         return reduce_rows(zero, w, reduction)
     pos_logit = scale * (qa * ka[pos.clamp_min(0)]).sum(1)  # [N]
-    neg_logit = scale * torch.einsum(
-        "nd,nkd->nk", qa, ka[neg_idx.clamp_min(0)]
-    )  # [N, K]
+    neg_logit = scale * torch.einsum("nd,nkd->nk", qa, ka[neg_idx.clamp_min(0)])  # [N, K]
     neg_logit = neg_logit.masked_fill(neg_idx < 0, float("-inf"))
     row_lse = torch.logsumexp(torch.cat([pos_logit[:, None], neg_logit], dim=1), dim=1)
     row_loss = torch.where(valid, row_lse - pos_logit, torch.zeros_like(pos_logit))
