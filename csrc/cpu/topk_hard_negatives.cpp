@@ -2,9 +2,10 @@
 //
 // Queries are cut into row tiles of kTileRows, handed out to threads by at::parallel_for. A
 // thread multiplies its tile with one block of kKeyBlock keys at a time (a single-threaded
-// at::mm, [rows, keys] <= 1 MiB in float32, so it stays in the core's cache while scanned) and
-// feeds every row's similarities to that row's bounded heap. The heaps live in the outputs
-// themselves, so beyond inputs and outputs (O(N * num)) the kernel keeps one block per thread.
+// at::mm_out into the thread's [rows, keys] buffer, 512 KiB in float32, so it stays in the
+// core's L2 cache while scanned) and feeds every row's similarities to that row's bounded heap.
+// The heaps live in the outputs themselves, so beyond inputs and outputs (O(N * num)) the kernel
+// keeps one block per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -136,6 +137,7 @@ void select_top(const at::Tensor& q, const at::Tensor& k_acc, const Exclusions& 
   const int64_t n = q.size(0), m = k_acc.size(0), num = idx.size(1);
   const auto acc = k_acc.scalar_type();
   at::parallel_for(0, (n + kTileRows - 1) / kTileRows, 1, [&](int64_t tile0, int64_t tile1) {
+    at::Tensor block = at::empty({kTileRows * std::min(kKeyBlock, m)}, k_acc.options());
     for (int64_t tile = tile0; tile < tile1; ++tile) {
       const int64_t row0 = tile * kTileRows;
       const int64_t rows = std::min(kTileRows, n - row0);
@@ -148,7 +150,8 @@ void select_top(const at::Tensor& q, const at::Tensor& k_acc, const Exclusions& 
       }
       for (int64_t j0 = 0; j0 < m; j0 += kKeyBlock) {
         const int64_t keys = std::min(kKeyBlock, m - j0);
-        const at::Tensor S = at::mm(q_tile, k_acc.narrow(0, j0, keys).t());  // [rows, keys]
+        at::Tensor S = block.narrow(0, 0, rows * keys).view({rows, keys});
+        at::mm_out(S, q_tile, k_acc.narrow(0, j0, keys).t());
         const acc_t* s = S.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           scan_row(s + r * keys, j0, keys, row0 + r, ex, selections[r]);
