@@ -144,6 +144,18 @@ def test_empty_inputs():
     assert idx.shape == (4, 0) and sim.shape == (4, 0)
 
 
+def test_nan_similarities_are_never_selected():
+    q, k, pos, _, _ = make_inputs(8, 30, 4, torch.float32)
+    q[2] = float("nan")
+    k[5] = float("nan")
+    idx, sim = mgccl_ops.topk_hard_negatives(q, k, 29, pos=pos)
+    assert (idx[2] == -1).all() and torch.isneginf(sim[2]).all()
+    assert not (idx == 5).any() and not sim.isnan().any()
+    for i in (0, 1, 3, 4, 5, 6, 7):
+        unusable = {5} | ({int(pos[i])} if pos[i] >= 0 else set())
+        assert int((idx[i] >= 0).sum()) == min(29, 30 - len(unusable)), f"row {i}"
+
+
 def test_no_gradient():
     q = torch.randn(10, 4, requires_grad=True)
     k = torch.randn(9, 4, requires_grad=True)

@@ -1,15 +1,16 @@
 // CPU kernel of hard-negative mining (DESIGN.md op 2).
 //
-// Queries are cut into row tiles of kTileRows, handed out to threads by at::parallel_for. A
-// thread multiplies its tile with one block of kKeyBlock keys at a time (a single-threaded
-// at::mm_out into the thread's [rows, keys] buffer, 512 KiB in float32, so it stays in the
-// core's L2 cache while scanned) and feeds every row's similarities to that row's bounded heap.
-// The heaps live in the outputs themselves, so beyond inputs and outputs (O(N * num)) the kernel
-// keeps one block per thread.
+// Queries are cut into row tiles, handed out to threads by at::parallel_for. A thread
+// multiplies its tile with one block of kKeyBlock keys at a time (a single-threaded at::mm_out
+// into the thread's [rows, keys] buffer, at most 512 KiB in float32, so it stays in the core's
+// L2 cache while scanned) and offers each row's similarities to that row's selection: a
+// reservoir of 2 * num candidates above a rising bar. Beyond inputs and outputs (O(N * num))
+// a thread keeps one similarity block and its rows' reservoirs (at most kReservoirBytes).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -21,79 +22,56 @@ namespace {
 constexpr const char* kOp = "topk_hard_negatives";
 constexpr int64_t kTileRows = 256;
 constexpr int64_t kKeyBlock = 512;
+constexpr int64_t kReservoirBytes = int64_t{8} << 20;
 
-// The best `capacity` (similarity, key) pairs of one row seen so far, stored in `value` and
-// `key` as a heap whose root is the worst pair: the smaller similarity, and on equal
-// similarities the larger key index, is worse.
+template <typename acc_t>
+struct Candidate {
+  acc_t value;
+  int64_t key;
+};
+
+// Strict total order of candidates, best first: larger similarity, then smaller key index.
+template <typename acc_t>
+bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  return a.value > b.value || (a.value == b.value && a.key < b.key);
+}
+
+// The best `num` (similarity, key) pairs of one row. Candidates that beat the bar are appended
+// to a reservoir of 2 * num slots; when it fills, nth_element keeps the best num and the bar
+// rises to the num-th best similarity. Keys arrive in ascending order, so a later key equal to
+// the bar loses to the kept one (ties: smaller index) and only strictly larger values enter.
+// NaN and -inf similarities never beat the bar, so they are never selected.
 template <typename acc_t>
 class RowSelection {
  public:
-  RowSelection(acc_t* value, int64_t* key, int64_t capacity)
-      : value_(value), key_(key), capacity_(capacity) {}
+  RowSelection(Candidate<acc_t>* reservoir, int64_t num) : reservoir_(reservoir), num_(num) {}
 
-  bool full() const { return size_ == capacity_; }
-  acc_t worst() const { return value_[0]; }
+  acc_t bar() const { return bar_; }
 
-  void push(acc_t v, int64_t j) {
-    int64_t hole = size_++;
-    while (hole > 0) {
-      const int64_t parent = (hole - 1) / 2;
-      if (!worse(v, j, value_[parent], key_[parent])) break;
-      move(parent, hole);
-      hole = parent;
+  void add(acc_t v, int64_t j) {
+    reservoir_[size_++] = {v, j};
+    if (size_ == 2 * num_) {
+      std::nth_element(reservoir_, reservoir_ + num_ - 1, reservoir_ + size_, better<acc_t>);
+      size_ = num_;
+      bar_ = reservoir_[num_ - 1].value;
     }
-    value_[hole] = v;
-    key_[hole] = j;
   }
 
-  // Replaces the worst pair by (v, j), which the caller knows to be better than it.
-  void replace_worst(acc_t v, int64_t j) { sift_down(0, size_, v, j); }
-
-  // Sorts the kept pairs best first (heap sort: the worst goes last) and pads with -1 / -inf.
-  void finish() {
-    for (int64_t end = size_ - 1; end > 0; --end) {
-      const acc_t v = value_[end];
-      const int64_t j = key_[end];
-      move(0, end);
-      sift_down(0, end, v, j);
-    }
-    for (int64_t slot = size_; slot < capacity_; ++slot) {
-      value_[slot] = -std::numeric_limits<acc_t>::infinity();
-      key_[slot] = -1;
+  // Writes the best num pairs, best first, into value[0..num) and key[0..num); -inf / -1 pad.
+  void finish(acc_t* value, int64_t* key) {
+    const int64_t kept = std::min(size_, num_);
+    std::partial_sort(reservoir_, reservoir_ + kept, reservoir_ + size_, better<acc_t>);
+    for (int64_t slot = 0; slot < num_; ++slot) {
+      value[slot] = slot < kept ? reservoir_[slot].value : -std::numeric_limits<acc_t>::infinity();
+      key[slot] = slot < kept ? reservoir_[slot].key : -1;
     }
   }
 
  private:
-  static bool worse(acc_t va, int64_t ja, acc_t vb, int64_t jb) {
-    return va < vb || (va == vb && ja > jb);
-  }
-
-  void move(int64_t from, int64_t to) {
-    value_[to] = value_[from];
-    key_[to] = key_[from];
-  }
-
-  // Puts (v, j) into the heap of the first `size` slots, starting at the empty slot `hole`.
-  void sift_down(int64_t hole, int64_t size, acc_t v, int64_t j) {
-    while (true) {
-      int64_t child = 2 * hole + 1;
-      if (child >= size) break;
-      if (child + 1 < size &&
-          worse(value_[child + 1], key_[child + 1], value_[child], key_[child])) {
-        ++child;
-      }
-      if (!worse(value_[child], key_[child], v, j)) break;
-      move(child, hole);
-      hole = child;
-    }
-    value_[hole] = v;
-    key_[hole] = j;
-  }
-
-  acc_t* value_;
-  int64_t* key_;
-  int64_t capacity_;
+  Candidate<acc_t>* reservoir_;
+  int64_t num_;
   int64_t size_ = 0;
+  acc_t bar_ = -std::numeric_limits<acc_t>::infinity();
 };
 
 // Which keys row i may return: not its positive, not a key of its group.
@@ -108,25 +86,25 @@ struct Exclusions {
   }
 };
 
-// Feeds similarities s[0..keys) of keys j0.. to one row's selection. Keys arrive in ascending
-// order, so a similarity equal to the current worst never displaces it (ties: smaller index).
+// Offers similarities s[0..keys) of keys j0.. to one row's selection. Most similarities fall
+// below the bar once it has risen, so each run of kRun is first tested as a whole (vectorised).
 template <typename acc_t>
 void scan_row(const acc_t* s, int64_t j0, int64_t keys, int64_t row, const Exclusions& ex,
               RowSelection<acc_t>& selection) {
+  constexpr int64_t kRun = 16;
   const int64_t positive = ex.positive(row);
   const int64_t group = ex.q_group ? ex.q_group[row] : 0;
-  int64_t c = 0;
-  for (; c < keys && !selection.full(); ++c) {
-    const acc_t v = s[c];
-    if (v == v && ex.allowed(j0 + c, positive, group)) selection.push(v, j0 + c);
-  }
-  if (c == keys) return;
-  acc_t bar = selection.worst();
-  for (; c < keys; ++c) {
-    const acc_t v = s[c];
-    if (v > bar && ex.allowed(j0 + c, positive, group)) {
-      selection.replace_worst(v, j0 + c);
-      bar = selection.worst();
+  acc_t bar = selection.bar();
+  for (int64_t c0 = 0; c0 < keys; c0 += kRun) {
+    const int64_t c1 = std::min(c0 + kRun, keys);
+    bool any_above = false;
+    for (int64_t c = c0; c < c1; ++c) any_above |= s[c] > bar;
+    if (!any_above) continue;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (s[c] > bar && ex.allowed(j0 + c, positive, group)) {
+        selection.add(s[c], j0 + c);
+        bar = selection.bar();
+      }
     }
   }
 }
@@ -136,17 +114,20 @@ void select_top(const at::Tensor& q, const at::Tensor& k_acc, const Exclusions& 
                 at::Tensor& value, at::Tensor& idx) {
   const int64_t n = q.size(0), m = k_acc.size(0), num = idx.size(1);
   const auto acc = k_acc.scalar_type();
-  at::parallel_for(0, (n + kTileRows - 1) / kTileRows, 1, [&](int64_t tile0, int64_t tile1) {
-    at::Tensor block = at::empty({kTileRows * std::min(kKeyBlock, m)}, k_acc.options());
+  const int64_t reservoir = 2 * num;
+  const int64_t tile_rows = std::clamp<int64_t>(
+      kReservoirBytes / (reservoir * int64_t{sizeof(Candidate<acc_t>)}), 1, kTileRows);
+  at::parallel_for(0, (n + tile_rows - 1) / tile_rows, 1, [&](int64_t tile0, int64_t tile1) {
+    at::Tensor block = at::empty({tile_rows * std::min(kKeyBlock, m)}, k_acc.options());
+    std::vector<Candidate<acc_t>> candidates(tile_rows * reservoir);
     for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t row0 = tile * kTileRows;
-      const int64_t rows = std::min(kTileRows, n - row0);
+      const int64_t row0 = tile * tile_rows;
+      const int64_t rows = std::min(tile_rows, n - row0);
       const at::Tensor q_tile = q.narrow(0, row0, rows).to(acc);
       std::vector<RowSelection<acc_t>> selections;
       selections.reserve(rows);
       for (int64_t r = 0; r < rows; ++r) {
-        selections.emplace_back(value.data_ptr<acc_t>() + (row0 + r) * num,
-                                idx.data_ptr<int64_t>() + (row0 + r) * num, num);
+        selections.emplace_back(candidates.data() + r * reservoir, num);
       }
       for (int64_t j0 = 0; j0 < m; j0 += kKeyBlock) {
         const int64_t keys = std::min(kKeyBlock, m - j0);
@@ -157,7 +138,10 @@ void select_top(const at::Tensor& q, const at::Tensor& k_acc, const Exclusions& 
           scan_row(s + r * keys, j0, keys, row0 + r, ex, selections[r]);
         }
       }
-      for (auto& selection : selections) selection.finish();
+      for (int64_t r = 0; r < rows; ++r) {
+        selections[r].finish(value.data_ptr<acc_t>() + (row0 + r) * num,
+                             idx.data_ptr<int64_t>() + (row0 + r) * num);
+      }
     }
   });
 }

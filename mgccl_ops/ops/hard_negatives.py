@@ -68,7 +68,8 @@ def topk_hard_negatives(
     Returns:
         ``idx`` [N, num] int64 and ``sim`` [N, num] float32 (``<q_i, k_idx>``), sorted by
         similarity descending with ties to the smaller key index; ``-1`` / ``-inf`` where fewer
-        than ``num`` keys are allowed. No gradient flows.
+        than ``num`` keys are allowed. Keys whose similarity is NaN (non-finite inputs) are never
+        returned. No gradient flows.
     """
     check_mining_inputs(q, k, num, pos, q_group, k_group)
     return torch.ops.mgccl.topk_hard_negatives.default(q.detach(), k.detach(), num, pos, q_group, k_group)
