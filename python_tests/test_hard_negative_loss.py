@@ -152,6 +152,14 @@ def test_opcheck(args):
     torch.library.opcheck(torch.ops.mgccl.hard_negative_loss.default, args)
 
 
+def test_opcheck_backward():
+    q, k, pos, neg_idx, _ = make_inputs(9, 6, 5, 3, torch.float32)
+    row_grad = torch.rand(9)
+    for mask in ([True, True, True], [False, True, False]):
+        args = (row_grad, q, k, pos, neg_idx, torch.tensor(3.0), mask)
+        torch.library.opcheck(torch.ops.mgccl.hard_negative_loss_backward.default, args)
+
+
 def test_compile_fullgraph():
     """The compiled forward (aot_eager: autograd through the registered backward) matches eager."""
     q, k, pos, neg_idx, weight = make_inputs(9, 6, 5, 3, torch.float32)

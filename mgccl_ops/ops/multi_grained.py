@@ -3,9 +3,10 @@
 All levels are concatenated into one call over the key bank. Row i of level l carries the
 weight ``weight_l / n_valid_l`` (``n_valid_l``: the rows of level l with a positive), so the
 "sum" reduction of one fused op is ``sum_l weight_l * mean_loss_l``: one pass over the keys
-(``torch.ops.mgccl.contrastive_loss``), or with ``hard_negatives=K`` one indexed pass over
-mined negatives (``torch.ops.mgccl.hard_negative_loss``). The per-level means come from the
-per-row log-sum-exps or losses that the fused op returns, without another pass.
+(``torch.ops.mgccl.contrastive_loss``). With ``hard_negatives=K`` each level is mined on its
+own (``torch.ops.mgccl.topk_hard_negatives``, with that level's groups; no gradient), then one
+``torch.ops.mgccl.hard_negative_loss`` call covers the rows of all levels. The per-level means
+come from the per-row log-sum-exps or losses that the fused op returns, without another pass.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
     for index, level in enumerate(levels):
         name = f"levels[{index}]"
         if not isinstance(level, (tuple, list)) or len(level) not in (3, 4):
-            raise ValueError(
-                f"{OP}: {name} should be (q, pos, weight) or (q, pos, weight, q_group), "
-                f"got {type(level).__name__} of length {len(level) if hasattr(level, '__len__') else '?'}"
+            got = (
+                f"a {type(level).__name__} of length {len(level)}" if isinstance(level, (tuple, list)) else repr(level)
             )
+            raise ValueError(f"{OP}: {name} should be (q, pos, weight) or (q, pos, weight, q_group), got {got:.80}")
         q, pos, weight = level[:3]
         q_group = level[3] if len(level) == 4 else None
         _checks.check_dim(OP, f"{name} q", q, 2, "[N_l, D]")
