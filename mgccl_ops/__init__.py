@@ -7,7 +7,10 @@ import torch  # noqa: F401  (loads libtorch before the compiled module)
 
 from mgccl_ops._extension import build_info
 from mgccl_ops.ops import contrastive_loss
+from mgccl_ops.ops.hard_negatives import hard_negative_loss, topk_hard_negatives
+from mgccl_ops.ops.multi_grained import multi_grained_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "contrastive_loss"]
+__all__ += ["hard_negative_loss", "multi_grained_loss", "topk_hard_negatives"]
