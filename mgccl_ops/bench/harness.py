@@ -1,0 +1,98 @@
+"""Timing and peak-memory measurement of benchmark cases.
+
+A case is a *setup factory*: a module-level function ``factory(**params) -> step`` that builds
+the inputs and returns a zero-argument callable doing the measured work (e.g. forward +
+backward). The same factory serves the speed and the memory measurement.
+
+Peak memory is measured in a fresh subprocess so that nothing else lives in it: on CUDA,
+``torch.cuda.max_memory_allocated`` over the step; on the CPU, the growth of the process's
+resident set during the step (peak RSS, reset through ``/proc/self/clear_refs`` after setup,
+minus the RSS before the step).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_step(step: Callable[[], object], device: str, *, warmup: int = 1, repeats: int = 5) -> dict:
+    """Wall time of ``step`` in milliseconds: median, 20th and 80th percentiles of ``repeats`` runs."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    quantiles = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
+    return {"median": statistics.median(samples), "p20": quantiles[0], "p80": quantiles[3], "runs": repeats}
+
+
+def resolve(factory_path: str) -> Callable[..., Callable[[], object]]:
+    """``"package.module:function"`` -> the function."""
+    module_name, _, function_name = factory_path.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_peak_here(factory_path: str, params: dict, device: str) -> float:
+    """Peak extra memory (MiB) of one step, measured in this process (call it in a fresh one)."""
+    step = resolve(factory_path)(**params)
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_memory_mib(factory_path: str, params: dict, device: str, timeout_s: float = 1800) -> float | None:
+    """Runs :func:`measure_peak_here` in a fresh Python process; None if the step failed there."""
+    command = [sys.executable, "-m", "mgccl_ops.bench.memory", factory_path, json.dumps(params), device]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
+    if result.returncode != 0:
+        print(f"peak memory of {factory_path}{params} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,89 @@
+"""Argument checks on tensor metadata, shared by the typed op wrappers.
+
+They run before dispatch and on fake tensors alike, so they look only at shapes, dtypes and
+devices; checks on values (index ranges) run inside the kernels. Each message names the op,
+the argument and what was received.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} should be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_dim(op: str, name: str, tensor: torch.Tensor, dim: int, layout: str) -> None:
+    """``layout`` names the axes, e.g. "[N, D]"."""
+    check_tensor(op, name, tensor)
+    if tensor.dim() != dim:
+        raise ValueError(
+            f"{op}: {name} should be a {dim}-D tensor {layout}, "
+            f"got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
+        )
+
+
+def check_size(op: str, name: str, tensor: torch.Tensor, axis: int, expected: int, what: str) -> None:
+    if tensor.shape[axis] != expected:
+        raise ValueError(
+            f"{op}: {name}.shape[{axis}] should equal {what} = {expected}, "
+            f"got shape {tuple(tensor.shape)}"
+        )
+
+
+def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{op}: {name} should be float16, bfloat16, float32 or float64, got {tensor.dtype}"
+        )
+
+
+def check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.dtype != ref.dtype:
+        raise ValueError(
+            f"{op}: {name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; "
+            "all inputs of one call must share a dtype"
+        )
+
+
+def check_index(op: str, name: str, tensor: torch.Tensor, length: int, what: str) -> None:
+    """A 1-D int64 index tensor of the given length."""
+    check_dim(op, name, tensor, 1, f"[{what}]")
+    if tensor.dtype != torch.int64:
+        raise ValueError(f"{op}: {name} should be int64, got {tensor.dtype}")
+    check_size(op, name, tensor, 0, length, what)
+
+
+def check_same_device(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {tensor.device} but q is on {ref.device}")
+
+
+def check_choice(op: str, name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} should be one of {choices}, got {value!r}")
+
+
+def scale_tensor(op: str, scale: float | torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``scale`` as a 0-dim tensor on ``ref``'s device (float64 for float64 inputs, else float32).
+
+    A tensor is passed through unchanged (so its gradient flows) after checking it is 0-dim.
+    Its finiteness is checked inside the kernels.
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0:
+            raise ValueError(f"{op}: scale should be a float or a 0-dim tensor, got shape {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise ValueError(f"{op}: scale should be a floating tensor, got {scale.dtype}")
+        return scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale should be a float or a 0-dim tensor, got {type(scale).__name__}")
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"{op}: scale should be finite, got {scale}")
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(scale), dtype=dtype, device=ref.device)

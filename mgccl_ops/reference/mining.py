@@ -1,0 +1,93 @@
+"""Plain-PyTorch hard-negative mining and hard-negative loss (DESIGN.md ops 2 and 3).
+
+Both materialise what the fused kernels avoid: the N x M similarity matrix (mining) and the
+gathered [N, K, D] key tensor (loss).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgccl_ops.reference.contrastive import reduce_rows
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def allowed_keys(
+    n: int,
+    m: int,
+    device: torch.device,
+    pos: torch.Tensor | None = None,
+    q_group: torch.Tensor | None = None,
+    k_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[N, M] bool: key j is allowed for row i unless ``j == pos[i]`` or ``k_group[j] == q_group[i]``."""
+    allowed = torch.ones(n, m, dtype=torch.bool, device=device)
+    if pos is not None:
+        allowed &= torch.arange(m, device=device)[None, :] != pos[:, None]
+    if q_group is not None and k_group is not None:
+        allowed &= k_group[None, :] != q_group[:, None]
+    return allowed
+
+
+def topk_hard_negatives(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num: int,
+    *,
+    pos: torch.Tensor | None = None,
+    q_group: torch.Tensor | None = None,
+    k_group: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`mgccl_ops.topk_hard_negatives`.
+
+    q [N, D], k [M, D] -> idx [N, num] int64, sim [N, num] float32: per row the ``num`` allowed
+    keys of largest ``<q_i, k_j>``, descending, ties to the smaller index; ``-1`` / ``-inf``
+    where fewer keys are allowed.
+    """
+    acc = _accumulation_dtype(q.dtype)
+    n, m = q.shape[0], k.shape[0]
+    with torch.no_grad():
+        sim = q.to(acc) @ k.to(acc).T  # [N, M]
+        allowed = allowed_keys(n, m, q.device, pos, q_group, k_group)
+        sim = sim.masked_fill(~allowed, float("-inf"))
+        # A stable descending sort keeps equal similarities in ascending key order.
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :num]
+        top_allowed = allowed.gather(1, order)
+        idx = torch.where(top_allowed, order, torch.full_like(order, -1))
+        top_sim = torch.where(top_allowed, sim.gather(1, order), float("-inf"))
+    return idx, top_sim.to(torch.float32)
+
+
+def hard_negative_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    neg_idx: torch.Tensor,
+    scale: float | torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Reference of :func:`mgccl_ops.hard_negative_loss`.
+
+    q [N, D], k [M, D], pos [N] (-1 ignores the row), neg_idx [N, K] (-1 pads) -> the loss.
+    Row i's softmax runs over its positive logit and one logit per listed negative (a key
+    listed twice counts twice); reduced like :func:`contrastive_loss`.
+    """
+    acc = _accumulation_dtype(q.dtype)
+    valid = pos >= 0
+    w = valid.to(acc) if weight is None else weight.to(acc) * valid
+    qa, ka = q.to(acc), k.to(acc)
+    if k.shape[0] == 0:
+        zero = qa.sum(1) * 0 + (scale * 0 if isinstance(scale, torch.Tensor) else 0)
+        return reduce_rows(zero, w, reduction)
+    pos_logit = scale * (qa * ka[pos.clamp_min(0)]).sum(1)  # [N]
+    neg_logit = scale * torch.einsum("nd,nkd->nk", qa, ka[neg_idx.clamp_min(0)])  # [N, K]
+    neg_logit = neg_logit.masked_fill(neg_idx < 0, float("-inf"))
+    row_lse = torch.logsumexp(torch.cat([pos_logit[:, None], neg_logit], dim=1), dim=1)
+    row_loss = torch.where(valid, row_lse - pos_logit, torch.zeros_like(pos_logit))
+    per_row = row_loss * w if weight is not None else row_loss
+    return reduce_rows(per_row, w, reduction)
