@@ -41,7 +41,7 @@ def test_masks_match_entities_and_rendered_colours():
         object_phrases = [e for e in sample.entities if not e.endswith("background")]
         assert sorted(f"{c} {s}" for c, s in named) == sorted(object_phrases)
         assert 1 <= len(ids) <= 3
-        for i, (colour, _) in zip(ids, named):
+        for i, (colour, _) in zip(ids, named, strict=True):
             pixels = sample.image[sample.mask == i].astype(float).mean(0)
             assert np.abs(pixels - np.array(COLOURS[colour])).max() < 45, (colour, pixels)
         assert (sample.mask == 0).mean() > 0.3

@@ -66,9 +66,7 @@ def test_open_clip_adapter_gives_dense_tokens_in_the_joint_space(vision, grid):
     with torch.no_grad():
         x = (images.float() - model.mean) / model.std
         expect_global = torch.nn.functional.normalize(clip.encode_image(x), dim=-1)
-        expect_text = torch.nn.functional.normalize(
-            clip.encode_text(open_clip.tokenize(["a red circle"], 12)), dim=-1
-        )
+        expect_text = torch.nn.functional.normalize(clip.encode_text(open_clip.tokenize(["a red circle"], 12)), dim=-1)
     assert torch.allclose(glob, expect_global, atol=1e-5)
     assert torch.allclose(text[:1], expect_text, atol=1e-5)
     assert model.logit_scale is clip.logit_scale

@@ -30,12 +30,8 @@ def _rgb(seed: int, size: int = 20) -> np.ndarray:
 
 
 def test_concepts_match_plurals_and_multiword_phrases():
-    vocab = ConceptVocabulary(
-        ["dog", "teddy bear", "bus", "puppy", "knife", "person", "traffic light", "glass"]
-    )
-    caption = (
-        "Two Teddy Bears, three puppies and people near buses; knives, glasses and traffic lights. A dog!"
-    )
+    vocab = ConceptVocabulary(["dog", "teddy bear", "bus", "puppy", "knife", "person", "traffic light", "glass"])
+    caption = "Two Teddy Bears, three puppies and people near buses; knives, glasses and traffic lights. A dog!"
     assert vocab(caption) == [
         "teddy bear",
         "puppy",
@@ -107,9 +103,7 @@ def test_tar_shards_group_members_by_key(tmp_path):
         [("004.txt", b"only a caption"), ("005.jpg", _png_bytes(_rgb(5))), ("005.txt", b"dog")],
     )
     (tmp_path / "data-002.tar").write_bytes(b"not a tar file at all" * 50)
-    reader = TarShards(
-        str(tmp_path / "data-{000..002}.tar"), size=8, entities=ConceptVocabulary(["cat", "dog"])
-    )
+    reader = TarShards(str(tmp_path / "data-{000..002}.tar"), size=8, entities=ConceptVocabulary(["cat", "dog"]))
     samples = list(reader)
     assert [s["caption"] for s in samples] == ["a cat", "cats and a dog", "dog"]
     assert samples[1]["entities"] == ["cat", "dog"] and samples[2]["image"].shape == (3, 8, 8)

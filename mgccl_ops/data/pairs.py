@@ -78,8 +78,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
         if brace:
             lo, hi = brace.group(1), brace.group(2)
             paths = [
-                spec[: brace.start()] + str(i).zfill(len(lo)) + spec[brace.end() :]
-                for i in range(int(lo), int(hi) + 1)
+                spec[: brace.start()] + str(i).zfill(len(lo)) + spec[brace.end() :] for i in range(int(lo), int(hi) + 1)
             ]
         elif any(ch in spec for ch in "*?["):
             paths = sorted(glob.glob(spec))

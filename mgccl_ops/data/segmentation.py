@@ -79,9 +79,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if stored.ndim == 3:
             stored = stored[..., 0]
         if self.size is not None:
-            stored = F.interpolate(stored[None, None].float(), size=(self.size, self.size), mode="nearest")[
-                0, 0
-            ].long()
+            stored = F.interpolate(stored[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0].long()
         return {"image": image, "mask": self.benchmark.convert_mask(stored)}
 
 

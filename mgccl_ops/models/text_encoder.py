@@ -23,9 +23,7 @@ class WordTextEncoder(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 64, width: int = 128):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width, padding_idx=0)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
-        )
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
         self.proj = nn.Linear(width, dim)
         nn.init.normal_(self.embed.weight, std=0.5)
         with torch.no_grad():
