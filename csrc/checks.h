@@ -13,7 +13,8 @@ inline std::string shape_string(const at::Tensor& t) {
   return out.str();
 }
 
-// Checks that `t` has `dim` dimensions, e.g. "q should be a 2-D tensor, got 3-D with shape [2, 3, 4]".
+// Checks that `t` has `dim` dimensions, e.g. "q should be a 2-D tensor, got 3-D with shape [2, 3,
+// 4]".
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " should be a ", dim, "-D tensor, got ", t.dim(),
               "-D with shape ", shape_string(t));
@@ -32,8 +33,8 @@ inline void check_index_dtype(const char* op, const char* name, const at::Tensor
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but q is on ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
+              ref.device());
 }
 
 // Values of an int64 index tensor must lie in [low, high).

@@ -21,9 +21,7 @@ def _load_compiled_module():
     try:
         build_config = importlib.import_module("mgccl_ops._build_config")
     except ImportError as error:
-        raise ImportError(
-            f"mgccl_ops is not built: its compiled module is missing. {_REBUILD_HINT}"
-        ) from error
+        raise ImportError(f"mgccl_ops is not built: its compiled module is missing. {_REBUILD_HINT}") from error
     installed_cuda = torch.version.cuda
     if build_config.TORCH_VERSION != torch.__version__:
         raise ImportError(

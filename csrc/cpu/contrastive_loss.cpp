@@ -90,8 +90,8 @@ struct GradientSink {
 // dLoss/dS for one row tile, computed in place of S. c_rows [rows]: the loss weight of each
 // row; the positive logit takes -c_i. Symmetric adds the column softmax weighted by c_cols [M].
 void logit_gradient(at::Tensor& S, const at::Tensor& row_lse, const at::Tensor& c_rows,
-                          const at::Tensor& pos_rows, const at::Tensor& col_lse,
-                          const at::Tensor& c_cols, bool symmetric) {
+                    const at::Tensor& pos_rows, const at::Tensor& col_lse, const at::Tensor& c_cols,
+                    bool symmetric) {
   if (symmetric) {
     const at::Tensor column_part = (S - col_lse.unsqueeze(0)).exp_().mul_(c_cols.unsqueeze(0));
     S.sub_(row_lse.unsqueeze(1)).exp_().mul_(c_rows.unsqueeze(1)).add_(column_part).mul_(0.5);
@@ -102,8 +102,8 @@ void logit_gradient(at::Tensor& S, const at::Tensor& row_lse, const at::Tensor& 
 }
 
 struct Prepared {
-  at::Tensor k_acc;       // [M, D] keys in the accumulation dtype
-  at::Tensor pos;         // [N]
+  at::Tensor k_acc;  // [M, D] keys in the accumulation dtype
+  at::Tensor pos;    // [N]
   at::ScalarType acc;
   double scale;
 };
@@ -128,8 +128,8 @@ at::Tensor column_coefficients(const at::Tensor& c_rows, const at::Tensor& pos, 
 // Second sweep: gradients given complete log-sum-exps. c_rows [N] = dLoss/dloss_row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_sweep(
     const at::Tensor& q, const at::Tensor& k, const Prepared& p, const at::Tensor& scale_t,
-    const at::Tensor& c_rows, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    bool symmetric, std::array<bool, 3> mask) {
+    const at::Tensor& c_rows, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
+    std::array<bool, 3> mask) {
   const int64_t n = q.size(0), m = k.size(0);
   GradientSink sink(q, k, p.acc, p.scale, mask);
   const at::Tensor c_cols = symmetric ? column_coefficients(c_rows, p.pos, m) : at::Tensor();
@@ -173,11 +173,12 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   at::Tensor pos_logit = at::zeros({n}, acc_opts);
   at::Tensor col_max = at::full({symmetric ? m : 0}, -INFINITY, acc_opts);
   at::Tensor col_sum = at::zeros({symmetric ? m : 0}, acc_opts);
-  const bool fuse_gradients = reduction != "none" && !symmetric &&
-                              (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  const bool fuse_gradients =
+      reduction != "none" && !symmetric && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
   const double total_weight = reduction == "mean" ? w.sum().item<double>() : 1.0;
   const at::Tensor c_rows = total_weight == 0.0 ? at::zeros_like(w) : w / total_weight;
-  GradientSink sink(q, k, p.acc, p.scale, fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
+  GradientSink sink(q, k, p.acc, p.scale,
+                    fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
 
   const int64_t tile = rows_per_tile(n, m, p.acc);
   for (int64_t row0 = 0; row0 < n && m > 0; row0 += tile) {
@@ -233,9 +234,9 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
-    const at::Tensor& row_grad, const at::Tensor& q_in, const at::Tensor& k,
-    const at::Tensor& pos, const at::Tensor& scale_t, const at::Tensor& row_lse,
-    const at::Tensor& col_lse, bool symmetric, std::array<bool, 3> grad_mask) {
+    const at::Tensor& row_grad, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& pos,
+    const at::Tensor& scale_t, const at::Tensor& row_lse, const at::Tensor& col_lse, bool symmetric,
+    std::array<bool, 3> grad_mask) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos, scale_t, symmetric);
   check_dim("contrastive_loss_backward", "row_grad", row_grad, 1);
@@ -243,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
   const at::Tensor q = q_in.contiguous();
   const Prepared p = prepare(q, k, pos, scale_t);
   const at::Tensor c_rows = row_grad.to(p.acc) * p.pos.ge(0).to(p.acc);
-  return gradient_sweep(q, k, p, scale_t, c_rows, row_lse.to(p.acc), col_lse.to(p.acc),
-                        symmetric, grad_mask);
+  return gradient_sweep(q, k, p, scale_t, c_rows, row_lse.to(p.acc), col_lse.to(p.acc), symmetric,
+                        grad_mask);
 }
 
 }  // namespace

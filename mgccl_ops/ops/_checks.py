@@ -23,24 +23,20 @@ def check_dim(op: str, name: str, tensor: torch.Tensor, dim: int, layout: str) -
     check_tensor(op, name, tensor)
     if tensor.dim() != dim:
         raise ValueError(
-            f"{op}: {name} should be a {dim}-D tensor {layout}, "
-            f"got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
+            f"{op}: {name} should be a {dim}-D tensor {layout}, got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
         )
 
 
 def check_size(op: str, name: str, tensor: torch.Tensor, axis: int, expected: int, what: str) -> None:
     if tensor.shape[axis] != expected:
         raise ValueError(
-            f"{op}: {name}.shape[{axis}] should equal {what} = {expected}, "
-            f"got shape {tuple(tensor.shape)}"
+            f"{op}: {name}.shape[{axis}] should equal {what} = {expected}, got shape {tuple(tensor.shape)}"
         )
 
 
 def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{op}: {name} should be float16, bfloat16, float32 or float64, got {tensor.dtype}"
-        )
+        raise ValueError(f"{op}: {name} should be float16, bfloat16, float32 or float64, got {tensor.dtype}")
 
 
 def check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

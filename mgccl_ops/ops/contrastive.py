@@ -77,9 +77,7 @@ def contrastive_loss(
     check_inputs(q, k, pos, scale_t, weight, reduction, symmetric)
     grad_enabled = torch.is_grad_enabled()
     grad_mask = [grad_enabled and t.requires_grad for t in (q, k, scale_t)]
-    outputs = torch.ops.mgccl.contrastive_loss.default(
-        q, k, pos, scale_t, weight, reduction, symmetric, grad_mask
-    )
+    outputs = torch.ops.mgccl.contrastive_loss.default(q, k, pos, scale_t, weight, reduction, symmetric, grad_mask)
     return outputs[0]
 
 
