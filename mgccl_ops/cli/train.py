@@ -18,6 +18,7 @@ from ..data.benchmarks import BENCHMARKS
 from ..data.entities import ConceptVocabulary
 from ..data.pairs import ImageTextFolder, PairList, TarShards
 from ..models import OpenClipDualEncoder, SmallDualEncoder, split_words
+from ..train import checkpoint
 from ..train.backend import BACKENDS
 from ..train.config import TrainConfig
 from ..train.objective import ObjectiveConfig
@@ -67,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=96, help="side images are resized to")
     parser.add_argument("--objective", choices=("full", "object"), default="full",
                         help="all three levels, or the object-level-only ablation")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/checkpoint.pt with its saved settings (--steps may extend "
+                             "the run; unchanged, the result equals an uninterrupted run)")  # fmt: skip
     add_training_arguments(parser, steps=300, batch_size=32)
 
 
@@ -80,8 +83,12 @@ def _concepts(path: str | None) -> ConceptVocabulary:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mgccl train``."""
-    cfg = config_from_args(args, args.out_dir, object_only=args.objective == "object")
-    cfg.image_size = args.image_size
+    if args.resume:
+        cfg = TrainConfig.from_dict(checkpoint.load(Path(args.out_dir) / "checkpoint.pt")["config"])
+        cfg.steps, cfg.progress = args.steps, not args.no_progress
+    else:
+        cfg = config_from_args(args, args.out_dir, object_only=args.objective == "object")
+        cfg.image_size = args.image_size
     dataset = None
     if args.data != "synthetic":
         kind, _, where = args.data.partition(":")

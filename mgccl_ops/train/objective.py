@@ -19,6 +19,10 @@ class ObjectiveConfig:
         part_tau: temperature of the entity-to-pixel attention that pools part regions.
         pixel_bound: pixels whose best cosine similarity to their caption's entities is
             below this are ignored by the pixel level.
+        pixel_margin: a pixel may take entity j as pseudo label only if its similarity to
+            j is within this margin of the best similarity any pixel of the image has to j
+            (j's region); pixels in no entity's region (background a caption does not name,
+            mostly) are ignored rather than pulled toward some object.
         hard_negatives: negatives mined per part / pixel row.
     """
 
@@ -27,6 +31,7 @@ class ObjectiveConfig:
     pixel_weight: float = 1.0
     part_tau: float = 0.05
     pixel_bound: float = 0.2
+    pixel_margin: float = 0.1
     hard_negatives: int = 8
 
 
@@ -97,7 +102,8 @@ def mgccl_loss(
     if cfg.pixel_weight:
         with torch.no_grad():
             sim = torch.einsum("bpd,bed->bpe", dense, slots).masked_fill(~valid[:, None, :], -2.0)
-            best, slot = sim.max(-1)  # [B, P]
+            region = sim >= sim.amax(1, keepdim=True) - cfg.pixel_margin  # [B, P, E]
+            best, slot = sim.masked_fill(~region, -2.0).max(-1)  # [B, P]
             pixel_pos = bank_row.gather(1, slot)
             pixel_pos = torch.where(best >= cfg.pixel_bound, pixel_pos, torch.full_like(pixel_pos, -1)).flatten()
             pixel_group = torch.where(pixel_pos >= 0, bank_group[pixel_pos.clamp(min=0)], -1)
