@@ -40,6 +40,22 @@ TORCH_LIBRARY(mgccl, m) {
       "hard_negative_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, "
       "Tensor neg_idx, Tensor scale, bool[3] grad_mask) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
+  // Region merging (DESIGN.md op 5). feat [B, C, H, W]; threshold [B] floating, or None for
+  // each image's automatic threshold (region_auto_threshold); connectivity 4 or 8; linkage
+  // "single" or "average". labels [B, H, W] int64, compact per image (0..num[b]-1 in raster order
+  // of each region's first pixel); num [B] int64.
+  m.def(
+      "region_merge(Tensor feat, Tensor? threshold, int connectivity, str linkage) -> "
+      "(Tensor labels, Tensor num)");
+  // The automatic per-image threshold [B] float64 that region_merge uses when none is given.
+  m.def("region_auto_threshold(Tensor feat, int connectivity) -> Tensor");
+  // Mean of x [B, C, H, W] over each region: pooled [B, R, C] (R = num.max(), data-dependent)
+  // and the pixel count of each region, counts [B, R] int64.
+  m.def("region_pool(Tensor x, Tensor labels, Tensor num) -> (Tensor pooled, Tensor counts)");
+  // Each pixel takes its region's row: pooled [B, R, C], labels [B, H, W] -> [B, C, H, W].
+  m.def("region_broadcast(Tensor pooled, Tensor labels) -> Tensor");
+  // Sum of x [B, C, H, W] over each region -> [B, num_regions, C]: the adjoint of region_broadcast.
+  m.def("region_sum(Tensor x, Tensor labels, SymInt num_regions) -> Tensor");
 }
 
 // Backward operators are not differentiable themselves (no double backward): autograd passes

@@ -10,6 +10,7 @@ BENCHMARKS = {
     "contrastive": "mgccl_ops.bench.contrastive",
     "hard_negatives": "mgccl_ops.bench.hard_negatives",
     "multi_grained": "mgccl_ops.bench.multi_grained",
+    "regions": "mgccl_ops.bench.regions",
 }
 
 

@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -79,7 +80,14 @@ def measure_peak_here(factory_path: str, params: dict, device: str) -> float:
 def peak_memory_mib(factory_path: str, params: dict, device: str, timeout_s: float = 1800) -> float | None:
     """Runs :func:`measure_peak_here` in a fresh Python process; None if the step failed there."""
     command = [sys.executable, "-m", "mgccl_ops.bench.memory", factory_path, json.dumps(params), device]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
+    # Run outside the working directory, so that `-m` imports the installed package and not a
+    # source checkout without its compiled module; keep PYTHONPATH entries valid there.
+    env = os.environ.copy()
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep))
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tempfile.gettempdir()
+    )
     if result.returncode != 0:
         print(f"peak memory of {factory_path}{params} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
