@@ -66,13 +66,14 @@ double auto_threshold(const PixelGraph<acc_t>& graph) {
 }
 
 // Merges one image feat [channels, H*W] into labels [H*W]; returns the number of regions.
+// threshold: the image's threshold, or nullptr for its automatic one.
 template <typename scalar_t>
 int64_t merge_image(const scalar_t* feat, int64_t channels, const Grid& grid,
-                    std::optional<double> threshold, bool average, int64_t* labels) {
+                    const double* threshold, bool average, int64_t* labels) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> rows(average ? grid.pixels() * channels : 0);
   const PixelGraph<acc_t> graph(feat, channels, grid, average ? rows.data() : nullptr);
-  const double thr = threshold.has_value() ? *threshold : auto_threshold(graph);
+  const double thr = threshold != nullptr ? *threshold : auto_threshold(graph);
   MinRootUnionFind sets(grid.pixels());
   if (average) {
     AverageLinkage<acc_t>(std::move(rows), channels, graph, sets).run(thr);
@@ -122,9 +123,8 @@ std::tuple<at::Tensor, at::Tensor> region_merge_cpu(const at::Tensor& feat_in,
     const scalar_t* data = feat.const_data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const std::optional<double> image_thr = thr ? std::optional<double>(thr[b]) : std::nullopt;
-        num_data[b] = merge_image(data + b * channels * n, channels, grid, image_thr, average,
-                                  label_data + b * n);
+        num_data[b] = merge_image(data + b * channels * n, channels, grid,
+                                  thr != nullptr ? thr + b : nullptr, average, label_data + b * n);
       }
     });
   });
