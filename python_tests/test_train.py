@@ -126,3 +126,16 @@ def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
     assert [r["loss"] for r in a_log] == [r["loss"] for r in b_log]
     end_a, end_b = checkpoint.load(whole / "checkpoint.pt"), checkpoint.load(parts / "checkpoint.pt")
     assert end_a["optimizer"]["state"][0]["exp_avg"].equal(end_b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_background_key_takes_pixels_outside_every_entity_region():
+    dense, glob, cap, phrases = _features(2, p=12)
+    ids = torch.tensor([[0, 1], [1, -1], [2, 3]])
+    background = torch.randn(8, requires_grad=True)
+    scale = torch.tensor(math.log(10.0))
+    narrow = ObjectiveConfig(part_weight=0, pixel_margin=0.0, pixel_bound=-1.0, hard_negatives=3)
+    total, parts = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow, background)
+    total.backward()
+    assert background.grad is not None and background.grad.abs().sum() > 0
+    _, without = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow)
+    assert parts["pixel"] != without["pixel"]  # most pixels now have the background key as positive
