@@ -133,7 +133,7 @@ def test_background_key_takes_pixels_outside_every_entity_region():
     ids = torch.tensor([[0, 1], [1, -1], [2, 3]])
     background = torch.randn(8, requires_grad=True)
     scale = torch.tensor(math.log(10.0))
-    narrow = ObjectiveConfig(part_weight=0, pixel_margin=0.0, pixel_bound=-1.0, hard_negatives=3)
+    narrow = ObjectiveConfig(pixel_margin=0.0, pixel_bound=-1.0, hard_negatives=3)
     total, parts = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow, background)
     total.backward()
     assert background.grad is not None and background.grad.abs().sum() > 0

@@ -30,9 +30,9 @@ class ObjectiveConfig:
     object_weight: float = 1.0
     part_weight: float = 1.0
     pixel_weight: float = 1.0
-    part_tau: float = 0.05
+    part_tau: float = 0.1
     pixel_bound: float = 0.2
-    pixel_margin: float = 0.1
+    pixel_margin: float = 0.3
     hard_negatives: int = 8
 
 
@@ -97,7 +97,7 @@ def mgccl_loss(
     bank = slots[valid]  # [M, D]
     bank_group = entity_ids[valid]  # [M]
     bank_row = entity_bank_index(entity_ids)  # [B, E]
-    entity_rows = bank.shape[0]
+    entity_rows, entity_group = bank.shape[0], bank_group
     if background_emb is not None:
         bank = torch.cat([bank, F.normalize(background_emb, dim=-1).to(bank.dtype)[None]])
         bank_group = torch.cat([bank_group, bank_group.new_full((1,), int(entity_ids.max()) + 1)])
@@ -107,7 +107,7 @@ def mgccl_loss(
         pooled = F.scaled_dot_product_attention(slots, dense, dense, scale=1.0 / cfg.part_tau)
         part_q = F.normalize(pooled, dim=-1)[valid]
         part_pos = torch.arange(entity_rows, device=dense.device)
-        levels.append((part_q, part_pos, cfg.part_weight, bank_group))
+        levels.append((part_q, part_pos, cfg.part_weight, entity_group))
         names.append("part")
     if cfg.pixel_weight:
         with torch.no_grad():
