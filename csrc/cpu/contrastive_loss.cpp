@@ -76,8 +76,9 @@ struct GradientSink {
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& q,
                                                         const at::Tensor& scale_t) {
-    const auto empty = q.new_empty({0});
-    return {want_q ? grad_q : empty, want_k ? grad_k.to(q.scalar_type()) : empty,
+    // A fresh empty tensor for each gradient not asked for: outputs must not alias each other.
+    return {want_q ? grad_q : q.new_empty({0}),
+            want_k ? grad_k.to(q.scalar_type()) : q.new_empty({0}),
             want_scale ? at::full({}, grad_scale, scale_t.options()) : scale_t.new_empty({0})};
   }
 

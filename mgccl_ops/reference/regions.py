@@ -15,7 +15,7 @@ EPS = 1e-12
 # Offsets (dy, dx) of the neighbours that follow a pixel in raster order; every grid edge once.
 NEIGHBOUR_OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 # The automatic threshold: median minus AUTO_MAD_FACTOR scaled median absolute deviations.
-AUTO_MAD_FACTOR = 2.0
+AUTO_MAD_FACTOR = 1.0
 MAD_TO_SIGMA = 1.4826
 
 
@@ -129,16 +129,17 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     """Reference of :func:`mgccl_ops.region_auto_threshold`: feat [B, C, H, W] -> [B] float64.
 
     Per image, over the cosine similarities s of all neighbouring pixel pairs:
-    ``median(s) - AUTO_MAD_FACTOR * 1.4826 * median(|s - median(s)|)`` (lower medians); +inf
-    for an image without neighbouring pairs.
+    ``median(s) - AUTO_MAD_FACTOR * 1.4826 * median(|s - median(s)|)`` (lower medians, taken in
+    the similarities' dtype: float32, float64 for float64 features); +inf for an image without
+    neighbouring pairs.
     """
     out = torch.full((feat.shape[0],), float("inf"), dtype=torch.float64)
     for b in range(feat.shape[0]):
-        sim = edge_similarities(feat[b], connectivity)[2].to(torch.float64)
+        sim = edge_similarities(feat[b], connectivity)[2]
         if sim.numel() > 0:
             median = sim.median()
             mad = (sim - median).abs().median()
-            out[b] = median - AUTO_MAD_FACTOR * MAD_TO_SIGMA * mad
+            out[b] = median.double() - AUTO_MAD_FACTOR * MAD_TO_SIGMA * mad.double()
     return out
 
 

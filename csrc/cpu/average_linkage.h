@@ -1,0 +1,169 @@
+// Round-based parallel average-linkage agglomeration of one image (DESIGN.md op 5).
+//
+// The region adjacency graph is an edge list (a, b, similarity) over region names (the raster
+// index of a region's first pixel, which is also its root in MinRootUnionFind). Each round:
+//   1. every region picks its most similar neighbour (ties: the smaller name), one pass over
+//      the edges;
+//   2. picked pairs with similarity >= threshold are united (chains merge whole);
+//   3. each merged region's feature sum absorbs its members' sums (the mean over all its
+//      pixels, up to the count, which cosine similarity ignores);
+//   4. the edge list is updated in place of a rebuild: endpoints are renamed to their new
+//      roots, self-loops dropped, and only edges touching a merged region are deduplicated and
+//      get a new similarity; edges between untouched regions keep theirs.
+// The pixels are visited only to build the first graph.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "pixel_graph.h"
+#include "union_find.h"
+
+namespace mgccl {
+
+template <typename acc_t>
+class AverageLinkage {
+ public:
+  // rows: [H*W, channels] row-major, the pixels' L2-normalised features (the sums of the
+  // one-pixel regions), as PixelGraph writes them; graph: the pixel grid with its edge
+  // similarities.
+  AverageLinkage(std::vector<acc_t> rows, int64_t channels, const PixelGraph<acc_t>& graph,
+                 MinRootUnionFind& sets)
+      : sets_(sets),
+        channels_(channels),
+        sums_(std::move(rows)),
+        norm_(graph.grid.pixels()),
+        best_(graph.grid.pixels()),
+        best_sim_(graph.grid.pixels()),
+        changed_(graph.grid.pixels(), 0),
+        active_(graph.grid.pixels()) {
+    const int64_t n = graph.grid.pixels();
+    for (int64_t p = 0; p < n; ++p) {
+      norm_[p] = graph.norm[p] / std::max(graph.norm[p], static_cast<acc_t>(kNormEps));
+      active_[p] = static_cast<int32_t>(p);
+    }
+    edges_.reserve(graph.grid.directions * n);
+    graph.for_each_edge([this](int32_t p, int32_t q, acc_t s) { edges_.push_back({p, q, s}); });
+  }
+
+  // Merges rounds until one merges nothing; the regions are then the sets of `sets`.
+  void run(double threshold) {
+    while (pick_and_unite(threshold)) {
+      absorb_members();
+      update_edges();
+    }
+  }
+
+ private:
+  struct Edge {
+    int32_t a, b;  // region names, a < b
+    acc_t sim;
+  };
+
+  const acc_t* row(int32_t r) const { return sums_.data() + static_cast<int64_t>(r) * channels_; }
+  acc_t* row(int32_t r) { return sums_.data() + static_cast<int64_t>(r) * channels_; }
+
+  acc_t row_norm(int32_t r) const {
+    const acc_t* v = row(r);
+    acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < channels_; ++c) total += v[c] * v[c];
+    return std::sqrt(total);
+  }
+
+  acc_t similarity(int32_t a, int32_t b) const {
+    const acc_t* u = row(a);
+    const acc_t* v = row(b);
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < channels_; ++c) dot += u[c] * v[c];
+    return cosine(dot, norm_[a], norm_[b]);
+  }
+
+  void offer(int32_t r, int32_t neighbour, acc_t s) {
+    const int32_t current = best_[r];
+    if (current < 0 || s > best_sim_[r] || (s == best_sim_[r] && neighbour < current)) {
+      best_[r] = neighbour;
+      best_sim_[r] = s;
+    }
+  }
+
+  // Steps 1 and 2; true when some pair merged.
+  bool pick_and_unite(double threshold) {
+    for (const int32_t r : active_) best_[r] = -1;
+    for (const Edge& e : edges_) {
+      offer(e.a, e.b, e.sim);
+      offer(e.b, e.a, e.sim);
+    }
+    bool merged = false;
+    for (const int32_t r : active_) {
+      if (best_[r] >= 0 && static_cast<double>(best_sim_[r]) >= threshold) {
+        merged |= sets_.unite(r, best_[r]);
+      }
+    }
+    return merged;
+  }
+
+  // Step 3: members add their sums to their root and leave the active list.
+  void absorb_members() {
+    std::vector<int32_t> roots;
+    roots.reserve(active_.size());
+    for (const int32_t r : active_) {
+      const int32_t root = sets_.find(r);
+      if (root == r) {
+        roots.push_back(r);
+        continue;
+      }
+      changed_[root] = 1;
+      acc_t* into = row(root);
+      const acc_t* from = row(r);
+      for (int64_t c = 0; c < channels_; ++c) into[c] += from[c];
+    }
+    for (const int32_t r : roots) {
+      if (changed_[r]) norm_[r] = row_norm(r);
+    }
+    active_.swap(roots);
+  }
+
+  // Step 4.
+  void update_edges() {
+    kept_.clear();
+    renamed_.clear();
+    for (const Edge& e : edges_) {
+      int32_t a = sets_.find(e.a);
+      int32_t b = sets_.find(e.b);
+      if (a == b) continue;
+      if (!changed_[a] && !changed_[b]) {
+        kept_.push_back(e);  // both regions untouched: same names, same similarity
+        continue;
+      }
+      if (a > b) std::swap(a, b);
+      renamed_.push_back({a, b, acc_t(0)});
+    }
+    const auto by_names = [](const Edge& x, const Edge& y) {
+      return x.a != y.a ? x.a < y.a : x.b < y.b;
+    };
+    const auto same_names = [](const Edge& x, const Edge& y) { return x.a == y.a && x.b == y.b; };
+    std::sort(renamed_.begin(), renamed_.end(), by_names);
+    renamed_.erase(std::unique(renamed_.begin(), renamed_.end(), same_names), renamed_.end());
+    for (Edge& e : renamed_) e.sim = similarity(e.a, e.b);
+    kept_.insert(kept_.end(), renamed_.begin(), renamed_.end());
+    edges_.swap(kept_);
+    for (const int32_t r : active_) changed_[r] = 0;
+  }
+
+  MinRootUnionFind& sets_;
+  const int64_t channels_;
+  std::vector<acc_t> sums_;       // [H*W, channels]: row r is the feature sum of region r
+  std::vector<acc_t> norm_;       // [H*W]: |sums_ row r|
+  std::vector<int32_t> best_;     // [H*W]: the neighbour region r picked this round, or -1
+  std::vector<acc_t> best_sim_;   // [H*W]: its similarity
+  std::vector<uint8_t> changed_;  // [H*W]: 1 for a region that absorbed others this round
+  std::vector<int32_t> active_;   // names of the current regions
+  std::vector<Edge> edges_, kept_, renamed_;
+};
+
+}  // namespace mgccl
