@@ -12,6 +12,7 @@ from mgccl_ops.evaluate.metrics import ConfusionMatrix
 from mgccl_ops.evaluate.prompts import class_embeddings
 from mgccl_ops.evaluate.units import group_logits, kmeans_labels, pixel_logits, predict
 from mgccl_ops.evaluate.visualize import palette, save_grid
+from mgccl_ops.train.backend import get_ops
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -90,7 +91,8 @@ class OracleModel(torch.nn.Module):
         return F.one_hot(torch.tensor(ids), len(self.names) + 1).float()
 
 
-def test_evaluate_scores_an_oracle_perfectly_and_draws_the_grid(tmp_path):
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_evaluate_scores_an_oracle_perfectly_and_draws_the_grid(tmp_path, backend):
     names = ["background", "red star", "blue ring"]
     samples = []
     for i in range(3):
@@ -101,7 +103,7 @@ def test_evaluate_scores_an_oracle_perfectly_and_draws_the_grid(tmp_path):
     samples[2]["mask"][0, 0] = 255  # ignored pixel
     model = OracleModel(names[1:])
     settings = EvalSettings(background_threshold=0.5, groups=3, batch_size=2, keep=2)
-    result = evaluate(model, samples, names, True, reference_ops, settings)
+    result = evaluate(model, samples, names, True, get_ops(backend), settings)
     assert result.mean_iou() == {"pixel": 100.0, "group": 100.0, "adaptive": 100.0}
     assert len(result.images) == 2 and len(result.predictions["adaptive"]) == 2
     path = tmp_path / "grid.png"

@@ -126,3 +126,35 @@ def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
     assert [r["loss"] for r in a_log] == [r["loss"] for r in b_log]
     end_a, end_b = checkpoint.load(whole / "checkpoint.pt"), checkpoint.load(parts / "checkpoint.pt")
     assert end_a["optimizer"]["state"][0]["exp_avg"].equal(end_b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_background_key_takes_pixels_outside_every_entity_region():
+    dense, glob, cap, phrases = _features(2, p=12)
+    ids = torch.tensor([[0, 1], [1, -1], [2, 3]])
+    background = torch.randn(8, requires_grad=True)
+    scale = torch.tensor(math.log(10.0))
+    narrow = ObjectiveConfig(pixel_margin=0.0, pixel_bound=-1.0, hard_negatives=3)
+    total, parts = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow, background)
+    total.backward()
+    assert background.grad is not None and background.grad.abs().sum() > 0
+    _, without = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow)
+    assert parts["pixel"] != without["pixel"]  # most pixels now have the background key as positive
+
+
+def test_fused_and_reference_backends_give_the_same_objective():
+    fused = get_ops("fused")
+    grads = {}
+    for name, ops in (("fused", fused), ("reference", reference_ops)):
+        dense, glob, cap, phrases = (t.requires_grad_() for t in _features(3, b=4, p=20))
+        ids = torch.tensor([[0, 1, -1], [1, 2, -1], [3, 2, 0], [2, -1, -1]])
+        background = torch.randn(8, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        scale = torch.tensor(math.log(10.0), requires_grad=True)
+        total, parts = mgccl_loss(ops, dense, glob, cap, phrases, ids, scale, ObjectiveConfig(hard_negatives=3),
+                                  background)  # fmt: skip
+        total.backward()
+        grads[name] = (total.detach(), parts, [t.grad for t in (dense, glob, cap, phrases, background, scale)])
+    (f_total, f_parts, f_grads), (r_total, r_parts, r_grads) = grads["fused"], grads["reference"]
+    assert torch.allclose(f_total, r_total, atol=1e-5)
+    assert all(torch.allclose(f_parts[k], r_parts[k], atol=1e-5) for k in r_parts)
+    for f, r in zip(f_grads, r_grads, strict=True):
+        assert torch.allclose(f, r, atol=1e-5, rtol=1e-4)

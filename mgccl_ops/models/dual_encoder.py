@@ -18,8 +18,9 @@ class SmallDualEncoder(nn.Module):
 
     Every model of the training layer has this interface: ``encode_image(images)`` ->
     ``(dense [B, P, D], global [B, D], (h, w))``, ``encode_text(texts)`` -> ``[N, D]`` (all
-    unit norm), ``logit_scale`` (log of the contrastive scale) and ``describe()`` (the
-    arguments that rebuild it).
+    unit norm), ``logit_scale`` (log of the contrastive scale), ``background_emb`` (a
+    learned [D] key for unnamed background, used by the pixel level) and ``describe()``
+    (the arguments that rebuild it).
 
     Args:
         words: vocabulary of the word tokenizer.
@@ -33,6 +34,7 @@ class SmallDualEncoder(nn.Module):
         self.image_encoder = DenseImageEncoder(dim)
         self.text_encoder = WordTextEncoder(self.tokenizer.vocab_size, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.background_emb = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
         self.dim = dim
 
     def describe(self) -> dict:

@@ -5,10 +5,16 @@ runs it in a fresh subprocess and reports the growth of the peak resident set (C
 the allocated CUDA memory during the step. ``scope="step"`` measures the whole training step
 (encoders, objective, backward); ``scope="objective"`` starts from encoder outputs that are
 leaf tensors, isolating what the ops and their plain-PyTorch twins cost.
+
+On the CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
+block of 64 KiB or more with its own mapping and unmaps it when freed, so memory freed while
+building the inputs is not silently reused by the step and the RSS growth counts every
+tensor the step allocates.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -66,10 +72,18 @@ def compare_peak_memory(
     ``objective`` (None where the step failed in its subprocess).
     """
     out: dict[str, dict[str, float | None]] = {}
-    for scope in ("step", "objective"):
-        out[scope] = {}
-        for backend in ("fused", "reference"):
-            params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
-                      "dim": dim, "scope": scope, "device": device}  # fmt: skip
-            out[scope][backend] = harness.peak_memory_mib(FACTORY, params, device)
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        for scope in ("step", "objective"):
+            out[scope] = {}
+            for backend in ("fused", "reference"):
+                params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
+                          "dim": dim, "scope": scope, "device": device}  # fmt: skip
+                out[scope][backend] = harness.peak_memory_mib(FACTORY, params, device)
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     return out

@@ -21,17 +21,18 @@ class ObjectiveConfig:
             below this are ignored by the pixel level.
         pixel_margin: a pixel may take entity j as pseudo label only if its similarity to
             j is within this margin of the best similarity any pixel of the image has to j
-            (j's region); pixels in no entity's region (background a caption does not name,
-            mostly) are ignored rather than pulled toward some object.
+            (j's region). Pixels in no entity's region (background a caption does not name,
+            mostly) take the learned background key as positive when one is given, else they
+            are ignored; either way they are not pulled toward some object.
         hard_negatives: negatives mined per part / pixel row.
     """
 
     object_weight: float = 1.0
     part_weight: float = 1.0
     pixel_weight: float = 1.0
-    part_tau: float = 0.05
+    part_tau: float = 0.1
     pixel_bound: float = 0.2
-    pixel_margin: float = 0.1
+    pixel_margin: float = 0.3
     hard_negatives: int = 8
 
 
@@ -58,6 +59,7 @@ def mgccl_loss(
     entity_ids: torch.Tensor,
     logit_scale: torch.Tensor,
     cfg: ObjectiveConfig,
+    background_emb: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its detached parts for one batch.
 
@@ -71,6 +73,10 @@ def mgccl_loss(
             (-1 = empty); equal ids mean equal phrase text, the hard-negative group.
         logit_scale: 0-dim log of the contrastive scale (learnable).
         cfg: weights and knobs.
+        background_emb: optional [D] learned embedding of unnamed background, appended to
+            the entity bank as one more key (its own group): the positive of pixels outside
+            every entity's region and a negative for everything else. It keeps background
+            features away from object phrases, so a score threshold finds background.
 
     Returns:
         ``(total, parts)`` with parts ``object``, ``part``, ``pixel`` (levels that run).
@@ -91,21 +97,29 @@ def mgccl_loss(
     bank = slots[valid]  # [M, D]
     bank_group = entity_ids[valid]  # [M]
     bank_row = entity_bank_index(entity_ids)  # [B, E]
+    entity_rows, entity_group = bank.shape[0], bank_group
+    if background_emb is not None:
+        bank = torch.cat([bank, F.normalize(background_emb, dim=-1).to(bank.dtype)[None]])
+        bank_group = torch.cat([bank_group, bank_group.new_full((1,), int(entity_ids.max()) + 1)])
     levels = []
     names = []
     if cfg.part_weight:
         pooled = F.scaled_dot_product_attention(slots, dense, dense, scale=1.0 / cfg.part_tau)
         part_q = F.normalize(pooled, dim=-1)[valid]
-        part_pos = torch.arange(bank.shape[0], device=dense.device)
-        levels.append((part_q, part_pos, cfg.part_weight, bank_group))
+        part_pos = torch.arange(entity_rows, device=dense.device)
+        levels.append((part_q, part_pos, cfg.part_weight, entity_group))
         names.append("part")
     if cfg.pixel_weight:
         with torch.no_grad():
             sim = torch.einsum("bpd,bed->bpe", dense, slots).masked_fill(~valid[:, None, :], -2.0)
-            region = sim >= sim.amax(1, keepdim=True) - cfg.pixel_margin  # [B, P, E]
+            region = (sim >= sim.amax(1, keepdim=True) - cfg.pixel_margin) & valid[:, None, :]  # [B, P, E]
             best, slot = sim.masked_fill(~region, -2.0).max(-1)  # [B, P]
             pixel_pos = bank_row.gather(1, slot)
-            pixel_pos = torch.where(best >= cfg.pixel_bound, pixel_pos, torch.full_like(pixel_pos, -1)).flatten()
+            pixel_pos = torch.where(best >= cfg.pixel_bound, pixel_pos, torch.full_like(pixel_pos, -1))
+            if background_emb is not None:
+                outside = ~region.any(-1)
+                pixel_pos = torch.where(outside, torch.full_like(pixel_pos, entity_rows), pixel_pos)
+            pixel_pos = pixel_pos.flatten()
             pixel_group = torch.where(pixel_pos >= 0, bank_group[pixel_pos.clamp(min=0)], -1)
         levels.append((dense.reshape(b * p, d), pixel_pos, cfg.pixel_weight, pixel_group))
         names.append("pixel")

@@ -29,4 +29,5 @@ def batch_loss(
         batch["entity_ids"].to(device),
         model.logit_scale,
         cfg,
+        getattr(model, "background_emb", None),
     )
