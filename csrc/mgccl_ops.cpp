@@ -23,6 +23,23 @@ TORCH_LIBRARY(mgccl, m) {
       "contrastive_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, Tensor scale, "
       "Tensor row_lse, Tensor col_lse, bool symmetric, bool[3] grad_mask) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
+  // Hard-negative mining (DESIGN.md op 2): per row the `num` allowed keys of largest <q_i, k_j>,
+  // idx [N, num] int64 and sim [N, num] float32, padded with -1 / -inf. No gradient.
+  m.def(
+      "topk_hard_negatives(Tensor q, Tensor k, int num, Tensor? pos, Tensor? q_group, "
+      "Tensor? k_group) -> (Tensor idx, Tensor sim)");
+  // Hard-negative contrastive loss (DESIGN.md op 3). row_loss [N] holds the unweighted row losses
+  // (0 for ignored rows). For "mean"/"sum" the gradients are computed in the same pass when
+  // grad_mask asks for them (else empty), as for contrastive_loss.
+  m.def(
+      "hard_negative_loss(Tensor q, Tensor k, Tensor pos, Tensor neg_idx, Tensor scale, "
+      "Tensor? weight, str reduction, bool[3] grad_mask) -> "
+      "(Tensor loss, Tensor row_loss, Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
+  // Gradients of sum_i row_grad[i] * loss_row[i] (reduction "none"); recomputes the logits.
+  m.def(
+      "hard_negative_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, "
+      "Tensor neg_idx, Tensor scale, bool[3] grad_mask) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
   // Region merging (DESIGN.md op 5). feat [B, C, H, W]; threshold [B] floating, or None for
   // each image's automatic threshold (region_auto_threshold); connectivity 4 or 8; linkage
   // "single" or "average". labels [B, H, W] int64, compact per image (0..num[b]-1 in raster order

@@ -6,7 +6,9 @@ Import torch first: the compiled module ``mgccl_ops._C`` links against it.
 import torch  # noqa: F401  (loads libtorch before the compiled module)
 
 from mgccl_ops._extension import build_info
-from mgccl_ops.ops import contrastive_loss
+from mgccl_ops.ops.contrastive import contrastive_loss
+from mgccl_ops.ops.hard_negatives import hard_negative_loss, topk_hard_negatives
+from mgccl_ops.ops.multi_grained import multi_grained_loss
 from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
 from mgccl_ops.ops.region_pool import region_broadcast, region_pool
 from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
@@ -14,11 +16,14 @@ from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
 __version__ = "0.1.0"
 
 __all__ = [
-    "adaptive_semantic_unit",
     "build_info",
+    "adaptive_semantic_unit",
     "contrastive_loss",
+    "hard_negative_loss",
+    "multi_grained_loss",
     "region_auto_threshold",
     "region_broadcast",
     "region_merge",
     "region_pool",
+    "topk_hard_negatives",
 ]

@@ -34,11 +34,18 @@ def multi_grained_loss(
             losses.append(contrastive_loss(q_l, k, pos_l, scale))
             continue
         neg_idx, _ = topk_hard_negatives(
-            q_l, k, min(hard_negatives, k.shape[0]), pos=pos_l, q_group=q_group_l, k_group=k_group
+            q_l,
+            k,
+            min(hard_negatives, k.shape[0]),
+            pos=pos_l,
+            q_group=q_group_l,
+            k_group=k_group,
         )
         losses.append(hard_negative_loss(q_l, k, pos_l, neg_idx, scale))
     per_level = torch.stack(losses)
     weights = torch.tensor(
-        [float(level[2]) for level in levels], dtype=per_level.dtype, device=per_level.device
+        [float(level[2]) for level in levels],
+        dtype=per_level.dtype,
+        device=per_level.device,
     )
     return (per_level * weights).sum(), per_level.detach()

@@ -1,0 +1,155 @@
+"""Benchmark of ``topk_hard_negatives``: time and peak memory against torch.mm + torch.topk and faiss.
+
+Every provider returns, for each of N queries, the ``num`` most similar of M keys other than
+the query's positive (key i for query i, as in a batch of pairs):
+
+- ``mgccl``: ``topk_hard_negatives(q, k, num, pos=arange(N))``, the positive excluded inside
+  the selection, never holding the N x M similarities.
+- ``torch.mm + topk``: the N x M similarities, the positive set to -inf, ``torch.topk``.
+- ``faiss``: ``IndexFlatIP`` over the keys (built inside the step, since a training step
+  mines a fresh key bank), searched for ``num + 1`` candidates (one more than asked, since
+  faiss cannot exclude a key per query), then the positive dropped from each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import mgccl_ops
+from mgccl_ops.bench import harness, report
+
+NAME = "hard_negatives"
+PROVIDERS = ("mgccl", "torch.mm + topk", "faiss")
+
+
+def _features(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
+    return q, k
+
+
+def mining_step(provider: str, n: int, d: int, num: int) -> Callable[[], object]:
+    """Setup factory: N = M queries and keys [n, d] (float32, CPU); the step mines ``num`` per row."""
+    q, k = _features(n, d)
+    pos = torch.arange(n)
+    if provider == "mgccl":
+        return lambda: mgccl_ops.topk_hard_negatives(q, k, num, pos=pos)
+    if provider == "torch.mm + topk":
+
+        def mm_topk():
+            sim = q @ k.T
+            sim.scatter_(1, pos[:, None], float("-inf"))
+            return torch.topk(sim, num, dim=1)
+
+        return mm_topk
+    if provider == "faiss":
+        import faiss
+
+        q_np, k_np = q.numpy(), k.numpy()
+
+        def faiss_search():
+            index = faiss.IndexFlatIP(d)
+            index.add(k_np)
+            sim, idx = (torch.from_numpy(a) for a in index.search(q_np, num + 1))
+            keep = torch.sort((idx != pos[:, None]).to(torch.int8), dim=1, descending=True, stable=True)
+            order = keep.indices[:, :num]
+            return idx.gather(1, order), sim.gather(1, order)
+
+        return faiss_search
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--nums", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument(
+        "--max-matrix-gib",
+        type=float,
+        default=8.0,
+        help="skip torch.mm + topk where its N x M float32 similarities exceed this",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    context = {
+        "device_name": harness.device_name("cpu"),
+        "version": mgccl_ops.__version__,
+        "torch": torch.__version__,
+    }
+    factory = "mgccl_ops.bench.hard_negatives:mining_step"
+    rows = []
+    for num in args.nums:
+        for n in args.sizes:
+            for provider in args.providers:
+                name = f"{provider} (num={num})"
+                if provider == "torch.mm + topk" and n * n * 4 / 2**30 > args.max_matrix_gib:
+                    print(f"{name:28s} n={n:6d}  skipped: the N x M matrix needs {n * n * 4 / 2**30:.0f} GiB")
+                    continue
+                params = {"provider": provider, "n": n, "d": args.dim, "num": num}
+                step = harness.resolve(factory)(**params)
+                timing = harness.time_step(step, "cpu", repeats=args.repeats)
+                del step
+                row = {
+                    "bench": NAME,
+                    "provider": name,
+                    "params": {"n": n, "d": args.dim, "num": num},
+                    "time_ms": timing,
+                    "peak_mem_mib": harness.peak_memory_mib(factory, params, "cpu"),
+                    **context,
+                }
+                rows.append(row)
+                print(
+                    f"{name:28s} n={n:6d}  {timing['median']:10.1f} ms "
+                    f"(p20 {timing['p20']:.1f}, p80 {timing['p80']:.1f})  peak {row['peak_mem_mib']} MiB",
+                    flush=True,
+                )
+    _add_ratios(rows)
+    report.write_report(
+        rows,
+        args.out,
+        NAME,
+        f"topk_hard_negatives, N = M, D = {args.dim}, float32, {context['device_name']}",
+        columns=[
+            ("provider", "provider"),
+            ("N = M", "params.n"),
+            ("time ms (median)", "time_ms.median"),
+            ("p20", "time_ms.p20"),
+            ("p80", "time_ms.p80"),
+            ("time / faiss", "time_vs_faiss"),
+            ("peak MiB", "peak_mem_mib"),
+            ("mm+topk peak / peak", "memory_saving"),
+        ],
+        x_key="n",
+        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
+        notes=(
+            f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs after "
+            "one warm-up; peak memory is the growth of the process's resident set during one step, in a "
+            "fresh process (inputs excluded). Every provider excludes each query's positive key: mgccl "
+            "inside the selection, torch.mm + topk by setting it to -inf, faiss by searching num + 1 "
+            "candidates and dropping the positive (the faiss step includes building the IndexFlatIP). "
+            f"torch.mm + topk is skipped where its N x M matrix exceeds {args.max_matrix_gib:g} GiB."
+        ),
+    )
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Time relative to faiss and memory saving relative to torch.mm + topk, same N and num."""
+    by_key = {(row["provider"], row["params"]["n"]): row for row in rows}
+    for row in rows:
+        n, num = row["params"]["n"], row["params"]["num"]
+        faiss_row = by_key.get((f"faiss (num={num})", n))
+        mm_row = by_key.get((f"torch.mm + topk (num={num})", n))
+        if faiss_row is not None:
+            row["time_vs_faiss"] = row["time_ms"]["median"] / faiss_row["time_ms"]["median"]
+        if mm_row is not None and row["peak_mem_mib"] and mm_row["peak_mem_mib"]:
+            row["memory_saving"] = mm_row["peak_mem_mib"] / row["peak_mem_mib"]

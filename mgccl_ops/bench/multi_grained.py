@@ -1,0 +1,169 @@
+"""Benchmark of ``multi_grained_loss`` (forward + backward) against the same losses in plain PyTorch.
+
+The training shape of DESIGN.md: a batch of B image-caption pairs with E = 5 entity phrases
+each gives a key bank of B * E entity embeddings and three query levels, B, B * 4 and
+B * 196 rows (D = 256), each with its positive entity and the entity's phrase as group.
+Providers:
+
+- ``mgccl``: one ``multi_grained_loss`` call (all levels in one pass over the key bank);
+- ``pytorch``: ``mgccl_ops.reference.multi_grained_loss`` for the full softmax (per level the
+  N_l x M logits and their log-sum-exp); with hard negatives, plain PyTorch mining by
+  ``torch.topk`` over the masked N_l x M similarities (the reference's stable sort would be
+  slower) and the reference hard-negative loss, which gathers the [N_l, K, D] keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import mgccl_ops
+from mgccl_ops import reference
+from mgccl_ops.bench import harness, report
+
+NAME = "multi_grained"
+LEVEL_FACTORS = (1, 4, 196)  # object/caption, part, pixel rows per image
+ENTITIES = 5
+PHRASES = 400  # distinct phrase groups in the bank
+
+
+def _inputs(batch: int, d: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    m = batch * ENTITIES
+    k = torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=1).requires_grad_()
+    k_group = torch.randint(0, PHRASES, (m,), generator=generator)
+    levels = []
+    for factor in LEVEL_FACTORS:
+        n = batch * factor
+        q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1).requires_grad_()
+        pos = torch.randint(0, m, (n,), generator=generator)
+        levels.append((q, pos, 1.0, k_group[pos]))
+    logit_scale = torch.tensor(2.659, requires_grad=True)
+    return levels, k, k_group, logit_scale
+
+
+def plain_hard_negative_loss(levels, k, scale, k_group, hard_negatives):
+    """Plain PyTorch: per level, topk mining over the masked similarities, then the gathered loss."""
+    total = 0.0
+    for q, pos, weight, q_group in levels:
+        with torch.no_grad():
+            sim = q @ k.T
+            sim.masked_fill_(q_group[:, None] == k_group[None, :], float("-inf"))
+            sim.scatter_(1, pos[:, None], float("-inf"))
+            neg_idx = torch.topk(sim, hard_negatives, dim=1).indices
+        total = total + weight * reference.hard_negative_loss(q, k, pos, neg_idx, scale)
+    return total
+
+
+def loss_step(provider: str, batch: int, d: int, hard_negatives: int | None) -> Callable[[], None]:
+    """Setup factory: the three levels and the key bank; the step runs forward + backward."""
+    levels, k, k_group, logit_scale = _inputs(batch, d)
+    leaves = [level[0] for level in levels] + [k, logit_scale]
+
+    def forward():
+        scale = logit_scale.exp()
+        if provider == "mgccl":
+            return mgccl_ops.multi_grained_loss(levels, k, scale, k_group=k_group, hard_negatives=hard_negatives)[0]
+        if hard_negatives is None:
+            return reference.multi_grained_loss(levels, k, scale, k_group=k_group)[0]
+        return plain_hard_negative_loss(levels, k, scale, k_group, hard_negatives)
+
+    def step():
+        forward().backward()
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hard-negatives", type=int, nargs="+", default=[0, 16], help="0: full softmax")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    context = {
+        "device_name": harness.device_name("cpu"),
+        "version": mgccl_ops.__version__,
+        "torch": torch.__version__,
+    }
+    factory = "mgccl_ops.bench.multi_grained:loss_step"
+    rows = []
+    for hard_negatives in args.hard_negatives:
+        mode = "full softmax" if hard_negatives == 0 else f"K={hard_negatives}"
+        for batch in args.batches:
+            for provider in ("mgccl", "pytorch"):
+                params = {"provider": provider, "batch": batch, "d": args.dim, "hard_negatives": hard_negatives or None}
+                step = harness.resolve(factory)(**params)
+                timing = harness.time_step(step, "cpu", repeats=args.repeats)
+                del step
+                rows.append(
+                    {
+                        "bench": NAME,
+                        "provider": f"{provider} ({mode})",
+                        "params": {
+                            "batch": batch,
+                            "rows": [batch * f for f in LEVEL_FACTORS],
+                            "m": batch * ENTITIES,
+                            "d": args.dim,
+                            "hard_negatives": hard_negatives or None,
+                        },
+                        "time_ms": timing,
+                        "peak_mem_mib": harness.peak_memory_mib(factory, params, "cpu"),
+                        **context,
+                    }
+                )
+                row = rows[-1]
+                print(
+                    f"{row['provider']:22s} B={batch:4d}  {timing['median']:9.1f} ms "
+                    f"(p20 {timing['p20']:.1f}, p80 {timing['p80']:.1f})  peak {row['peak_mem_mib']} MiB",
+                    flush=True,
+                )
+    _add_ratios(rows)
+    report.write_report(
+        rows,
+        args.out,
+        NAME,
+        f"multi_grained_loss forward + backward, levels B x (1, 4, 196), bank 5B, D = {args.dim}, float32, "
+        f"{context['device_name']}",
+        columns=[
+            ("provider", "provider"),
+            ("B", "params.batch"),
+            ("query rows", "params.rows"),
+            ("keys", "params.m"),
+            ("time ms (median)", "time_ms.median"),
+            ("p20", "time_ms.p20"),
+            ("p80", "time_ms.p80"),
+            ("time / pytorch", "time_vs_pytorch"),
+            ("peak MiB", "peak_mem_mib"),
+            ("pytorch peak / peak", "memory_saving"),
+        ],
+        x_key="batch",
+        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
+        notes=(
+            f"mgccl_ops {context['version']}, torch {context['torch']}. One step = forward + backward of "
+            "the total over three levels (B, 4B and 196B queries) against a bank of 5B keys, gradients to "
+            f"every level, the keys and the logit scale. Median of {args.repeats} runs after one warm-up; "
+            "peak memory is the growth of the process's resident set during one step, in a fresh process "
+            "(inputs excluded)."
+        ),
+    )
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Time and memory relative to the plain-PyTorch row of the same batch and mode."""
+    by_key = {(row["provider"], row["params"]["batch"]): row for row in rows}
+    for row in rows:
+        mode = row["provider"].split(" ", 1)[1]
+        baseline = by_key.get((f"pytorch {mode}", row["params"]["batch"]))
+        if baseline is not None:
+            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
+            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
+                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]

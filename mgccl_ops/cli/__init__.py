@@ -1,0 +1,33 @@
+"""The ``mgccl`` command: ``demo``, ``train``, ``eval`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import demo, evaluate, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mgccl`` (``bench`` is parsed by the benchmark harness)."""
+    parser = argparse.ArgumentParser(prog="mgccl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in (("demo", demo), ("train", train), ("eval", evaluate)):
+        sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    commands.add_parser("bench", help="benchmark the ops (mgccl bench --help for the cases)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mgccl`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from mgccl_ops.bench.cli import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    return args.run(args) or 0

@@ -1,0 +1,47 @@
+"""Choose the background threshold of each unit on a validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .evaluator import EvalSettings, unit_logits
+from .metrics import ConfusionMatrix
+from .prompts import class_embeddings
+
+
+@torch.no_grad()
+def calibrate_background(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    class_names: Sequence[str],
+    ops: ModuleType,
+    settings: EvalSettings,
+    candidates: Sequence[float] = tuple(x / 20 for x in range(2, 19)),
+) -> dict[str, float]:
+    """Per unit, the candidate background threshold with the best mIoU on ``dataset``.
+
+    The data set must have a background class (``class_names[0]``) and should not be the
+    test split: the threshold is a hyper-parameter chosen on validation data. Returns
+    ``{unit: threshold}`` for ``settings.units``.
+    """
+    text = class_embeddings(model, list(class_names[1:]), settings.templates).cpu()
+    matrices = {u: [ConfusionMatrix(len(class_names)) for _ in candidates] for u in settings.units}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, collate_fn=lambda s: s)
+    for samples in loader:
+        images = torch.stack([s["image"] for s in samples])
+        masks = torch.stack([s["mask"] for s in samples])
+        dense, _, grid = model.encode_image(images.to(model.logit_scale.device))
+        dense = dense.float().cpu()
+        for unit in settings.units:
+            logits = unit_logits(ops, unit, dense, grid, text, settings)
+            best, arg = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False).max(1)
+            for matrix, threshold in zip(matrices[unit], candidates, strict=True):
+                matrix.update(torch.where(best >= threshold, arg + 1, torch.zeros_like(arg)), masks)
+    return {
+        unit: candidates[max(range(len(candidates)), key=lambda i: ms[i].mean_iou())] for unit, ms in matrices.items()
+    }

@@ -1,0 +1,142 @@
+"""Evaluate a model on a segmentation split for each prediction unit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .metrics import ConfusionMatrix
+from .prompts import TEMPLATES, class_embeddings
+from .units import UNITS, adaptive_logits, group_logits, pixel_logits, predict
+
+
+@dataclass
+class EvalSettings:
+    """How predictions are made.
+
+    Attributes:
+        units: which of ``"pixel"``, ``"group"``, ``"adaptive"`` to score.
+        background_threshold: cosine score under which a pixel is background (used only
+            when the benchmark has a background class, listed first in its class names).
+        groups: clusters per image for the per-group unit.
+        merge_threshold: ``region_merge`` threshold for the adaptive unit (float or "auto").
+        templates: prompt templates for the class names.
+        batch_size: images per forward pass.
+        keep: how many leading images' predictions to return for plotting.
+    """
+
+    units: Sequence[str] = UNITS
+    background_threshold: float = 0.5
+    groups: int = 8
+    merge_threshold: float | str = "auto"
+    templates: Sequence[str] = TEMPLATES
+    batch_size: int = 32
+    keep: int = 0
+
+
+@dataclass
+class EvalResult:
+    """Per-unit confusion matrices and the first ``keep`` images with their predictions."""
+
+    class_names: list[str]
+    matrices: dict[str, ConfusionMatrix]
+    images: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+    predictions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def mean_iou(self) -> dict[str, float]:
+        """mIoU (0-100) per unit."""
+        return {unit: 100 * m.mean_iou() for unit, m in self.matrices.items()}
+
+
+def unit_logits(
+    ops: ModuleType,
+    unit: str,
+    dense: torch.Tensor,
+    grid: tuple[int, int],
+    text: torch.Tensor,
+    settings: EvalSettings,
+) -> torch.Tensor:
+    """Class logits [B, T, h, w] of one unit from dense features [B, P, D]."""
+    if unit == "pixel":
+        return pixel_logits(dense, grid, text)
+    if unit == "group":
+        return group_logits(ops, dense, grid, text, settings.groups)
+    if unit == "adaptive":
+        return adaptive_logits(ops, dense, grid, text, settings.merge_threshold)
+    raise ValueError(f"unknown unit {unit!r}; expected one of {UNITS}")
+
+
+def _same_size_runs(samples: list[dict]) -> list[list[dict]]:
+    """Split a chunk into runs of consecutive samples whose images share one size."""
+    runs: list[list[dict]] = []
+    for sample in samples:
+        if runs and runs[-1][0]["image"].shape == sample["image"].shape:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
+
+
+def _score(
+    model: nn.Module,
+    ops: ModuleType,
+    samples: list[dict],
+    text: torch.Tensor,
+    threshold: float | None,
+    settings: EvalSettings,
+    result: EvalResult,
+) -> None:
+    """Predict one batch of equal-size samples with every unit and accumulate the scores."""
+    images = torch.stack([s["image"] for s in samples])
+    masks = torch.stack([s["mask"] for s in samples])
+    dense, _, grid = model.encode_image(images.to(model.logit_scale.device))
+    dense = dense.float().cpu()
+    room = settings.keep - len(result.images)
+    if room > 0:
+        result.images += list(images[:room])
+        result.targets += list(masks[:room])
+    for unit in settings.units:
+        pred = predict(unit_logits(ops, unit, dense, grid, text, settings), tuple(masks.shape[-2:]), threshold)
+        result.matrices[unit].update(pred, masks)
+        if room > 0:
+            result.predictions[unit] += list(pred[:room])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    class_names: Sequence[str],
+    has_background: bool,
+    ops: ModuleType,
+    settings: EvalSettings | None = None,
+) -> EvalResult:
+    """Score every unit over the whole split.
+
+    Args:
+        model: ``encode_image`` / ``encode_text`` interface (see ``SmallDualEncoder``).
+        dataset: items with ``image`` uint8 [3, H, W] and ``mask`` int64 [H, W] indexing
+            ``class_names`` (255 = ignore).
+        class_names: the benchmark's classes; with ``has_background`` the first is the
+            background, predicted by threshold rather than by its name.
+        has_background: whether class 0 is a thresholded background.
+        ops: op backend for the region ops.
+        settings: prediction settings (defaults if None).
+    """
+    settings = settings or EvalSettings()
+    model.eval()
+    named = list(class_names[1:] if has_background else class_names)
+    text = class_embeddings(model, named, settings.templates).cpu()
+    threshold = settings.background_threshold if has_background else None
+    result = EvalResult(list(class_names), {u: ConfusionMatrix(len(class_names)) for u in settings.units})
+    result.predictions = {u: [] for u in settings.units}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, collate_fn=lambda s: s, shuffle=False)
+    for chunk in loader:
+        for samples in _same_size_runs(chunk):
+            _score(model, ops, samples, text, threshold, settings, result)
+    return result

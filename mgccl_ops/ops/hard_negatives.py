@@ -1,0 +1,224 @@
+"""Hard-negative mining and hard-negative loss (DESIGN.md ops 2 and 3): typed wrappers, fake
+impls, autograd.
+
+``torch.ops.mgccl.topk_hard_negatives`` selects per row the most similar allowed keys without
+the N x M similarity matrix; it has no gradient. ``torch.ops.mgccl.hard_negative_loss`` computes
+the K+1 logits of each row by indexed dot products and, for reduction "mean"/"sum", the
+gradients in the same pass, which backward only rescales; reduction "none" recomputes them in
+``torch.ops.mgccl.hard_negative_loss_backward`` with the per-row incoming gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgccl_ops.ops import _checks
+from mgccl_ops.ops.contrastive import REDUCTIONS, accumulation_dtype
+
+MINE_OP = "topk_hard_negatives"
+LOSS_OP = "hard_negative_loss"
+
+
+def check_mining_inputs(q, k, num, pos, q_group, k_group) -> None:
+    """Metadata checks shared by the wrapper and the fake impl (values are checked in kernels)."""
+    _checks.check_dim(MINE_OP, "q", q, 2, "[N, D]")
+    _checks.check_dim(MINE_OP, "k", k, 2, "[M, D]")
+    _checks.check_float(MINE_OP, "q", q)
+    _checks.check_same_dtype(MINE_OP, "k", k, "q", q)
+    _checks.check_size(MINE_OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
+    _checks.check_same_device(MINE_OP, "k", k, q)
+    if isinstance(num, bool) or not isinstance(num, int):
+        raise TypeError(f"{MINE_OP}: num should be an int, got {type(num).__name__}")
+    if not 0 <= num <= k.shape[0]:
+        raise ValueError(f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}")
+    if pos is not None:
+        _checks.check_index(MINE_OP, "pos", pos, q.shape[0], "N")
+        _checks.check_same_device(MINE_OP, "pos", pos, q)
+    if (q_group is None) != (k_group is None):
+        given = "q_group" if q_group is not None else "k_group"
+        raise ValueError(f"{MINE_OP}: q_group and k_group should be given together, got only {given}")
+    if q_group is not None:
+        _checks.check_index(MINE_OP, "q_group", q_group, q.shape[0], "N")
+        _checks.check_index(MINE_OP, "k_group", k_group, k.shape[0], "M")
+        _checks.check_same_device(MINE_OP, "q_group", q_group, q)
+        _checks.check_same_device(MINE_OP, "k_group", k_group, q)
+
+
+def topk_hard_negatives(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num: int,
+    *,
+    pos: torch.Tensor | None = None,
+    q_group: torch.Tensor | None = None,
+    k_group: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``num`` most similar allowed keys of every query, without the N x M similarities.
+
+    Key j is not allowed for row i if ``j == pos[i]`` or ``k_group[j] == q_group[i]``.
+
+    Args:
+        q: [N, D] queries (float16, bfloat16, float32 or float64).
+        k: [M, D] keys, same dtype and device as ``q``.
+        num: how many keys per row, 0 <= num <= M.
+        pos: optional [N] int64, each row's positive key (excluded), or -1.
+        q_group: optional [N] int64 group of each row; needs ``k_group``.
+        k_group: optional [M] int64 group of each key; needs ``q_group``.
+
+    Returns:
+        ``idx`` [N, num] int64 and ``sim`` [N, num] float32 (``<q_i, k_idx>``), sorted by
+        similarity descending with ties to the smaller key index; ``-1`` / ``-inf`` where fewer
+        than ``num`` keys are allowed. Keys whose similarity is NaN (non-finite inputs) are never
+        returned. No gradient flows.
+    """
+    check_mining_inputs(q, k, num, pos, q_group, k_group)
+    return torch.ops.mgccl.topk_hard_negatives.default(q.detach(), k.detach(), num, pos, q_group, k_group)
+
+
+@torch.library.register_fake("mgccl::topk_hard_negatives")
+def _topk_hard_negatives_fake(q, k, num, pos, q_group, k_group):
+    check_mining_inputs(q, k, num, pos, q_group, k_group)
+    n = q.shape[0]
+    return q.new_empty((n, num), dtype=torch.int64), q.new_empty((n, num), dtype=torch.float32)
+
+
+def check_loss_inputs(q, k, pos, neg_idx, scale, weight, reduction) -> None:
+    """Metadata checks shared by the wrapper and the fake impl (index ranges are checked in
+    kernels)."""
+    _checks.check_dim(LOSS_OP, "q", q, 2, "[N, D]")
+    _checks.check_dim(LOSS_OP, "k", k, 2, "[M, D]")
+    _checks.check_float(LOSS_OP, "q", q)
+    _checks.check_same_dtype(LOSS_OP, "k", k, "q", q)
+    _checks.check_size(LOSS_OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
+    _checks.check_index(LOSS_OP, "pos", pos, q.shape[0], "N")
+    _checks.check_dim(LOSS_OP, "neg_idx", neg_idx, 2, "[N, K]")
+    if neg_idx.dtype != torch.int64:
+        raise ValueError(f"{LOSS_OP}: neg_idx should be int64, got {neg_idx.dtype}")
+    _checks.check_size(LOSS_OP, "neg_idx", neg_idx, 0, q.shape[0], "q.shape[0] (N)")
+    for name, tensor in (
+        ("k", k),
+        ("pos", pos),
+        ("neg_idx", neg_idx),
+        ("scale", scale),
+    ):
+        _checks.check_same_device(LOSS_OP, name, tensor, q)
+    if weight is not None:
+        _checks.check_dim(LOSS_OP, "weight", weight, 1, "[N]")
+        _checks.check_size(LOSS_OP, "weight", weight, 0, q.shape[0], "q.shape[0] (N)")
+        if not weight.is_floating_point():
+            raise ValueError(f"{LOSS_OP}: weight should be a floating tensor, got {weight.dtype}")
+        _checks.check_same_device(LOSS_OP, "weight", weight, q)
+    _checks.check_choice(LOSS_OP, "reduction", reduction, REDUCTIONS)
+
+
+def hard_negative_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    neg_idx: torch.Tensor,
+    scale: float | torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Contrastive loss of each row over its positive and its listed negatives only.
+
+    ``l_i = logsumexp({s_i,pos[i]} U {s_i,j : j in neg_idx[i], j >= 0}) - s_i,pos[i]`` with
+    ``s_ij = scale * <q_i, k_j>``; a key listed twice in ``neg_idx[i]`` counts twice. The
+    logits are indexed dot products: no [N, K, D] tensor is built.
+
+    Args:
+        q: [N, D] queries (float16, bfloat16, float32 or float64).
+        k: [M, D] keys, same dtype and device as ``q``.
+        pos: [N] int64, the positive key of each row, or -1 to ignore the row.
+        neg_idx: [N, K] int64 negative keys per row, -1 as padding (``topk_hard_negatives``).
+        scale: a float or a 0-dim tensor; a tensor that requires grad receives its gradient.
+        weight: optional [N] per-row weights (no gradient flows to it).
+        reduction: "mean", "sum" or "none", as for :func:`mgccl_ops.contrastive_loss`.
+
+    Returns:
+        The loss: 0-dim, or [N] for "none" (0 for ignored rows), in float32 (float64 for
+        float64 inputs). Gradients reach ``q`` and ``k`` (summed over duplicates) in their dtype.
+    """
+    return hard_negative_loss_with_rows(q, k, pos, neg_idx, scale, weight=weight, reduction=reduction)[0]
+
+
+def hard_negative_loss_with_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    neg_idx: torch.Tensor,
+    scale: float | torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hard_negative_loss` and the unweighted row losses [N] (detached, 0 where ignored)."""
+    scale_t = _checks.scale_tensor(LOSS_OP, scale, q)
+    check_loss_inputs(q, k, pos, neg_idx, scale_t, weight, reduction)
+    grad_enabled = torch.is_grad_enabled()
+    grad_mask = [grad_enabled and t.requires_grad for t in (q, k, scale_t)]
+    loss, row_loss, *_ = torch.ops.mgccl.hard_negative_loss.default(
+        q, k, pos, neg_idx, scale_t, weight, reduction, grad_mask
+    )
+    return loss, row_loss.detach()
+
+
+@torch.library.register_fake("mgccl::hard_negative_loss")
+def _hard_negative_loss_fake(q, k, pos, neg_idx, scale, weight, reduction, grad_mask):
+    check_loss_inputs(q, k, pos, neg_idx, scale, weight, reduction)
+    acc = accumulation_dtype(q.dtype)
+    n = q.shape[0]
+    fused = reduction != "none"
+    return (
+        q.new_empty((n,) if reduction == "none" else (), dtype=acc),
+        q.new_empty((n,), dtype=acc),
+        q.new_empty(q.shape if fused and grad_mask[0] else (0,)),
+        k.new_empty(k.shape if fused and grad_mask[1] else (0,)),
+        scale.new_empty(() if fused and grad_mask[2] else (0,)),
+    )
+
+
+@torch.library.register_fake("mgccl::hard_negative_loss_backward")
+def _hard_negative_loss_backward_fake(row_grad, q, k, pos, neg_idx, scale, grad_mask):
+    return (
+        q.new_empty(q.shape if grad_mask[0] else (0,)),
+        k.new_empty(k.shape if grad_mask[1] else (0,)),
+        scale.new_empty(() if grad_mask[2] else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, pos, neg_idx, scale, weight, reduction, grad_mask = inputs
+    _, _, grad_q, grad_k, grad_scale = output
+    ctx.reduction = reduction
+    ctx.grad_mask = list(grad_mask)
+    if reduction == "none":
+        ctx.save_for_backward(q, k, pos, neg_idx, scale, weight)
+    else:
+        ctx.save_for_backward(grad_q, grad_k, grad_scale)
+
+
+def _backward(ctx, grad_loss, *_unused_output_grads):
+    if ctx.reduction == "none":
+        q, k, pos, neg_idx, scale, weight = ctx.saved_tensors
+        row_grad = grad_loss if weight is None else grad_loss * weight
+        grad_q, grad_k, grad_scale = torch.ops.mgccl.hard_negative_loss_backward.default(
+            row_grad, q, k, pos, neg_idx, scale, ctx.grad_mask
+        )
+    else:
+        grad_q, grad_k, grad_scale = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    want_q, want_k, want_scale = ctx.grad_mask
+    return (
+        grad_q if want_q else None,
+        grad_k if want_k else None,
+        None,
+        None,
+        grad_scale if want_scale else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("mgccl::hard_negative_loss", _backward, setup_context=_setup_context)

@@ -1,0 +1,68 @@
+"""Configuration of a training run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .objective import ObjectiveConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in its checkpoints.
+
+    Attributes:
+        out_dir: folder for ``checkpoint.pt`` and ``log.jsonl``.
+        steps: optimiser steps in all.
+        batch_size: image-caption pairs per step.
+        lr, weight_decay: AdamW settings (peak learning rate).
+        warmup: linear warm-up steps before the cosine decay.
+        grad_clip: maximum global gradient norm (0 = no clipping).
+        seed: seeds the model initialisation and the batch order.
+        backend: ``"fused"`` (mgccl_ops kernels) or ``"reference"`` (plain PyTorch).
+        objective: level weights and knobs.
+        num_samples: size of the built-in training split.
+        image_size: side of the built-in images.
+        dim: embedding width of the small model.
+        amp: ``"auto"`` (bf16 on CUDA when supported, else off), ``"off"``, ``"bf16"``, ``"fp16"``.
+        device: torch device string.
+        workers: data-loader worker processes.
+        checkpoint_every: steps between checkpoints (the last step always writes one).
+        log_every: steps between JSON-lines log records.
+        progress: show a tqdm bar.
+        deterministic: run with ``torch.use_deterministic_algorithms`` (warnings only where
+            an op has no deterministic kernel), so that equal runs, and a resumed run and an
+            uninterrupted one, give bit-identical weights.
+    """
+
+    out_dir: str = "runs/mgccl"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    backend: str = "fused"
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    num_samples: int = 20000
+    image_size: int = 96
+    dim: int = 64
+    amp: str = "auto"
+    device: str = "cpu"
+    workers: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+    deterministic: bool = True
+
+    def to_dict(self) -> dict:
+        """Plain-data form (for checkpoints and logs)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["objective"] = ObjectiveConfig(**data.get("objective", {}))
+        return cls(**data)

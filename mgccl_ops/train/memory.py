@@ -1,0 +1,89 @@
+"""Peak memory of one MGCCL training step, fused ops against the plain-PyTorch reference.
+
+The step is a setup factory for the benchmark harness (``mgccl_ops.bench.harness``), which
+runs it in a fresh subprocess and reports the growth of the peak resident set (CPU) or of
+the allocated CUDA memory during the step. ``scope="step"`` measures the whole training step
+(encoders, objective, backward); ``scope="objective"`` starts from encoder outputs that are
+leaf tensors, isolating what the ops and their plain-PyTorch twins cost.
+
+On the CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
+block of 64 KiB or more with its own mapping and unmaps it when freed, so memory freed while
+building the inputs is not silently reused by the step and the RSS growth counts every
+tensor the step allocates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from ..bench import harness
+from ..data.collate import collate_pairs
+from ..data.synthetic import SyntheticShapes
+from .backend import get_ops
+from .config import TrainConfig
+from .objective import ObjectiveConfig, mgccl_loss
+from .step import batch_loss
+from .trainer import build_default_model
+
+FACTORY = "mgccl_ops.train.memory:training_step"
+
+
+def training_step(
+    backend: str, batch_size: int, hard_negatives: int, dim: int, scope: str, device: str = "cpu", seed: int = 0
+) -> Callable[[], None]:
+    """Setup factory: model, batch and inputs built here; the returned callable runs one
+    forward + backward of the full MGCCL objective with the given op backend."""
+    cfg = TrainConfig(seed=seed, dim=dim, objective=ObjectiveConfig(hard_negatives=hard_negatives))
+    model = build_default_model(cfg).to(device)
+    data = SyntheticShapes("train", batch_size, seed=seed)
+    batch = collate_pairs([data[i] for i in range(batch_size)])
+    ops = get_ops(backend)
+    if scope == "step":
+
+        def step() -> None:
+            loss, _ = batch_loss(model, batch, ops, cfg.objective)
+            loss.backward()
+
+        return step
+    if scope != "objective":
+        raise ValueError(f"scope must be 'step' or 'objective', got {scope!r}")
+    with torch.no_grad():
+        dense, glob, _ = model.encode_image(batch["images"].to(device))
+        text = model.encode_text(batch["captions"] + batch["phrases"])
+    leaves = [t.detach().clone().requires_grad_() for t in (dense, glob, text[:batch_size], text[batch_size:])]
+    entity_ids = batch["entity_ids"].to(device)
+
+    def objective_step() -> None:
+        loss, _ = mgccl_loss(ops, *leaves, entity_ids, model.logit_scale, cfg.objective)
+        loss.backward()
+
+    return objective_step
+
+
+def compare_peak_memory(
+    batch_size: int, hard_negatives: int, dim: int = 64, device: str = "cpu"
+) -> dict[str, dict[str, float | None]]:
+    """Peak extra MiB of a step per scope and backend, each measured in a fresh process.
+
+    Returns ``{scope: {"fused": MiB, "reference": MiB}}`` for scopes ``step`` and
+    ``objective`` (None where the step failed in its subprocess).
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        for scope in ("step", "objective"):
+            out[scope] = {}
+            for backend in ("fused", "reference"):
+                params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
+                          "dim": dim, "scope": scope, "device": device}  # fmt: skip
+                out[scope][backend] = harness.peak_memory_mib(FACTORY, params, device)
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    return out

@@ -1,0 +1,78 @@
+"""The ``mgccl`` command end to end on tiny settings."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from mgccl_ops.bench import harness
+from mgccl_ops.cli import build_parser, main
+from mgccl_ops.train.memory import FACTORY
+
+TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "2", "--val-images", "2", "--png-images", "2",
+        "--backend", "reference", "--no-progress"]  # fmt: skip
+
+
+def test_demo_end_to_end_prints_the_tables_and_writes_the_png(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path), "--skip-memory", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU (%) on the held-out split: 2 images, 13 classes" in printed
+    for row in ("per-pixel", "per-group", "adaptive unit"):
+        assert row in printed
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert set(summary["miou"]) == {"full", "object_only"}
+    assert set(summary["miou"]["full"]) == {"pixel", "group", "adaptive"}
+    with Image.open(tmp_path / "predictions.png") as png:
+        assert png.size[0] > png.size[1] > 0
+    assert (tmp_path / "full" / "checkpoint.pt").is_file() and (tmp_path / "object_only" / "log.jsonl").is_file()
+
+
+def test_train_resume_and_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out-dir", str(run), *TINY[:4], "--backend", "reference", "--no-progress"]) == 0
+    assert main(["train", "--out-dir", str(run), "--steps", "3", "--batch-size", "4", "--backend", "reference",
+                 "--no-progress", "--resume"]) == 0  # fmt: skip
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 3]  # logged every 10 steps and at the last step of each call
+    png = tmp_path / "grid.png"
+    args = ["eval", str(run / "checkpoint.pt"), "--eval-images", "2", "--bg-threshold", "0.5", "--png", str(png),
+            "--png-images", "2", "--backend", "reference"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "adaptive unit" in printed and png.is_file()
+
+
+def test_train_reads_an_image_caption_folder(tmp_path, capsys):
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for i, caption in enumerate(["a dog on grass", "two cats", "a cat and a dog", "grass"]):
+        Image.new("RGB", (40, 30), (40 * i, 90, 20)).save(data / f"{i}.jpg")
+        (data / f"{i}.txt").write_text(caption)
+    (data / "lonely.jpg").write_bytes(b"broken")
+    args = ["train", "--data", f"folder:{data}", "--out-dir", str(tmp_path / "run"), "--image-size", "32",
+            "--steps", "2", "--batch-size", "4", "--backend", "reference", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "read 4 pairs; skipped {'missing_caption': 1}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--data must be"):
+        main(["train", "--data", "ftp:x", "--out-dir", str(tmp_path / "x")])
+
+
+def test_missing_checkpoint_and_folder_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(["eval", str(tmp_path / "none.pt")])
+    with pytest.raises(FileNotFoundError, match="image-caption folder not found"):
+        main(["train", "--data", f"folder:{tmp_path / 'absent'}", "--out-dir", str(tmp_path / "r")])
+
+
+def test_bench_is_handed_to_the_harness(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "mgccl bench" in capsys.readouterr().out
+    assert "bench" in build_parser().format_help()
+
+
+def test_step_memory_factory_runs_in_the_harness_subprocess():
+    params = {"backend": "reference", "batch_size": 2, "hard_negatives": 2, "dim": 16, "scope": "objective"}
+    peak = harness.peak_memory_mib(FACTORY, params, "cpu")
+    assert peak is not None and peak >= 0
