@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "contrastive_checks.h"
 
 namespace mgccl {
 namespace {
@@ -27,25 +28,10 @@ int64_t rows_per_tile(int64_t n, int64_t m, at::ScalarType acc) {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                   const at::Tensor& scale, bool symmetric) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  check_dim(kOp, "pos", pos, 1);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_size(kOp, "pos", pos, 0, q.size(0), "q.shape[0]");
-  check_index_dtype(kOp, "pos", pos);
-  check_same_device(kOp, "k", k, q);
-  check_same_device(kOp, "pos", pos, q);
-  TORCH_CHECK(scale.dim() == 0, kOp, ": scale should be a 0-dim tensor, got shape ",
-              shape_string(scale));
+  check_contrastive_metadata(q, k, pos, scale, symmetric);
   const double s = scale.item<double>();
   TORCH_CHECK(std::isfinite(s), kOp, ": scale should be finite, got ", s);
   if (symmetric) {
-    TORCH_CHECK(q.size(0) == k.size(0), kOp, ": symmetric=True needs N == M, got N = ", q.size(0),
-                " and M = ", k.size(0));
     check_index_range(kOp, "pos", pos, 0, k.size(0));
     TORCH_CHECK(pos.numel() == 0 || std::get<0>(at::_unique(pos)).numel() == pos.numel(), kOp,
                 ": symmetric=True needs pos to be a permutation of 0..M-1, got repeated values");

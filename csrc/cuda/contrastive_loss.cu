@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "contrastive_checks.h"
 
 namespace mgccl {
 namespace {
@@ -248,32 +249,6 @@ T* data_or_null(const at::Tensor& t, int64_t offset) {
   return t.defined() ? t.data_ptr<T>() + offset : nullptr;
 }
 
-// Shape, dtype and device checks (no device work).
-void check_metadata(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                    const at::Tensor& scale, bool symmetric) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  check_dim(kOp, "pos", pos, 1);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_size(kOp, "pos", pos, 0, q.size(0), "q.shape[0]");
-  check_index_dtype(kOp, "pos", pos);
-  check_same_device(kOp, "k", k, q);
-  check_same_device(kOp, "pos", pos, q);
-  check_same_device(kOp, "scale", scale, q);
-  TORCH_CHECK(scale.dim() == 0, kOp, ": scale should be a 0-dim tensor, got shape ",
-              shape_string(scale));
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), kOp,
-              ": scale should be a floating tensor, got ", scale.scalar_type());
-  if (symmetric) {
-    TORCH_CHECK(q.size(0) == k.size(0), kOp, ": symmetric=True needs N == M, got N = ", q.size(0),
-                " and M = ", k.size(0));
-  }
-}
-
 // Checks on values, as the CPU kernel makes them: scale finite, pos in range and, when
 // symmetric, a permutation. All read back in one device-to-host copy: [scale as float64 bits,
 // min pos, max pos, largest count of one key among pos (symmetric)].
@@ -450,7 +425,7 @@ contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Ten
                       c10::string_view reduction, bool symmetric, std::array<bool, 3> grad_mask) {
   // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_metadata(q_in, k, pos_in, scale_t, symmetric);
+  check_contrastive_metadata(q_in, k, pos_in, scale_t, symmetric);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
   if (weight.has_value()) {
@@ -528,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
   // Reached through an Autograd fallthrough (csrc/mgccl_ops.cpp): keep autograd out of the ATen
   // calls below.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_metadata(q, k, pos, scale_t, symmetric);
+  check_contrastive_metadata(q, k, pos, scale_t, symmetric);
   check_dim(kBackwardOp, "row_grad", row_grad, 1);
   check_size(kBackwardOp, "row_grad", row_grad, 0, q.size(0), "q.shape[0]");
   check_same_device(kBackwardOp, "row_grad", row_grad, q);
