@@ -208,6 +208,14 @@ def test_property_threshold_extremes(data, linkage, connectivity):
     assert not labels.any()
 
 
+@given(data=st.data(), connectivity=st.sampled_from(CONNECTIVITIES))
+def test_property_auto_threshold_equals_reference_with_ties(data, connectivity):
+    feat = features_with_ties(data.draw)
+    ours = mgccl_ops.region_auto_threshold(feat, connectivity=connectivity)
+    ref = reference.region_auto_threshold(feat, connectivity=connectivity)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 5), (2, 0, 3, 3)])
 @pytest.mark.parametrize("linkage", LINKAGES)
 def test_empty_inputs(shape, linkage):

@@ -1,7 +1,7 @@
 // The 4- or 8-neighbour grid graph of one image, with the cosine similarity of every edge.
 //
 // Features arrive channel-first ([C, H*W] for one image), so the similarities are accumulated
-// one channel at a time over a chunk of pixels: every inner loop runs over contiguous pixels
+// a few channels at a time over a chunk of pixels: every inner loop runs over contiguous pixels
 // and vectorises, and the features are read once. Average linkage also gets the normalised
 // features as rows [H*W, C] (one region per pixel to start from) from the same pass.
 #pragma once
@@ -64,6 +64,7 @@ inline acc_t cosine(acc_t dot, acc_t norm_a, acc_t norm_b) {
 template <typename acc_t>
 struct PixelGraph {
   static constexpr int64_t kChunkPixels = 2048;
+  static constexpr int kChannelGroup = 8;
 
   Grid grid;
   std::vector<acc_t> norm;  // [H*W]: the L2 norm of each pixel's feature
@@ -77,24 +78,20 @@ struct PixelGraph {
         norm(grid_in.pixels(), acc_t(0)),
         sim(grid_in.directions * grid_in.pixels(), acc_t(0)) {
     const int64_t n = grid.pixels();
-    // A chunk of pixels at a time, for every channel: the chunk's sums (and rows) stay in cache
-    // while each channel's segment of the features is read contiguously, once (plus a row of
-    // halo for the edges that leave the chunk).
+    // A chunk of pixels at a time, kChannelGroup channels at a time: the chunk's sums (and rows)
+    // stay in cache while each channel's segment of the features is read contiguously (plus a
+    // row of halo for the edges that leave the chunk), and each sum is updated once per group.
     for (int64_t p0 = 0; p0 < n; p0 += kChunkPixels) {
       const int64_t p1 = std::min(n, p0 + kChunkPixels);
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* v = feat + c * n;
-        for (int64_t p = p0; p < p1; ++p)
-          norm[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p]);
-        for (int d = 0; d < grid.directions; ++d) {
-          const int64_t off = grid.offset(d);
-          const int64_t end = std::min(p1, n - off);
-          acc_t* out = sim.data() + d * n;
-          for (int64_t p = p0; p < end; ++p)
-            out[p] += static_cast<acc_t>(v[p]) * static_cast<acc_t>(v[p + off]);
-        }
-        if (rows != nullptr) {
-          for (int64_t p = p0; p < p1; ++p) rows[p * channels + c] = static_cast<acc_t>(v[p]);
+      int64_t c = 0;
+      for (; c + kChannelGroup <= channels; c += kChannelGroup) {
+        accumulate<kChannelGroup>(feat + c * n, p0, p1);
+      }
+      for (; c < channels; ++c) accumulate<1>(feat + c * n, p0, p1);
+      if (rows != nullptr) {
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          const scalar_t* v = feat + ch * n;
+          for (int64_t p = p0; p < p1; ++p) rows[p * channels + ch] = static_cast<acc_t>(v[p]);
         }
       }
       for (int64_t p = p0; p < p1; ++p) norm[p] = std::sqrt(norm[p]);
@@ -125,6 +122,34 @@ struct PixelGraph {
           }
         }
       }
+    }
+  }
+
+ private:
+  // Adds `K` consecutive channel planes (planes[k * H*W + p]) to the squared norms and the dot
+  // products of pixels p0..p1-1: one update of each sum per K channels.
+  template <int K, typename scalar_t>
+  void accumulate(const scalar_t* planes, int64_t p0, int64_t p1) {
+    const int64_t n = grid.pixels();
+    add_products<K>(planes, n, 0, p0, p1, norm.data());
+    for (int d = 0; d < grid.directions; ++d) {
+      const int64_t off = grid.offset(d);
+      add_products<K>(planes, n, off, p0, std::min(p1, n - off), sim.data() + d * n);
+    }
+  }
+
+  // out[p] += sum_k planes[k * n + p] * planes[k * n + p + off] for p in [p0, p1). The
+  // pointers never alias, which lets the compiler vectorise over p without runtime checks.
+  template <int K, typename scalar_t>
+  static void add_products(const scalar_t* __restrict planes, int64_t n, int64_t off, int64_t p0,
+                           int64_t p1, acc_t* __restrict out) {
+    for (int64_t p = p0; p < p1; ++p) {
+      acc_t total = 0;
+      for (int k = 0; k < K; ++k) {
+        total +=
+            static_cast<acc_t>(planes[k * n + p]) * static_cast<acc_t>(planes[k * n + p + off]);
+      }
+      out[p] += total;
     }
   }
 };

@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -19,6 +18,7 @@
 
 #include "average_linkage.h"
 #include "checks.h"
+#include "order_statistic.h"
 #include "pixel_graph.h"
 #include "union_find.h"
 
@@ -43,36 +43,31 @@ Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {
   return Grid{height, width, connectivity == 4 ? 2 : 4};
 }
 
-// The lower median of values (reordered in place); values must not be empty.
-template <typename acc_t>
-acc_t lower_median(std::vector<acc_t>& values) {
-  const auto middle = values.begin() + (values.size() - 1) / 2;
-  std::nth_element(values.begin(), middle, values.end());
-  return *middle;
-}
-
 // The automatic threshold of one image from its edge similarities; +inf without edges.
-// Medians and deviations are taken in the similarities' own dtype, as the reference does.
+// Medians (the lower one of an even count) and deviations are taken in the similarities' own
+// dtype, as the reference does.
 template <typename acc_t>
 double auto_threshold(const PixelGraph<acc_t>& graph) {
   std::vector<acc_t> values;
   values.reserve(graph.grid.directions * graph.grid.pixels());
   graph.for_each_edge([&values](int32_t, int32_t, acc_t s) { values.push_back(s); });
   if (values.empty()) return std::numeric_limits<double>::infinity();
-  const acc_t median = lower_median(values);
+  const size_t middle = (values.size() - 1) / 2;
+  const acc_t median = kth_smallest(values, middle, acc_t(-1), acc_t(1));
   for (acc_t& s : values) s = std::abs(s - median);
-  return static_cast<double>(median) -
-         kAutoMadFactor * kMadToSigma * static_cast<double>(lower_median(values));
+  const acc_t mad = kth_smallest(values, middle, acc_t(0), acc_t(2));
+  return static_cast<double>(median) - kAutoMadFactor * kMadToSigma * static_cast<double>(mad);
 }
 
 // Merges one image feat [channels, H*W] into labels [H*W]; returns the number of regions.
+// threshold: the image's threshold, or nullptr for its automatic one.
 template <typename scalar_t>
 int64_t merge_image(const scalar_t* feat, int64_t channels, const Grid& grid,
-                    std::optional<double> threshold, bool average, int64_t* labels) {
+                    const double* threshold, bool average, int64_t* labels) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> rows(average ? grid.pixels() * channels : 0);
   const PixelGraph<acc_t> graph(feat, channels, grid, average ? rows.data() : nullptr);
-  const double thr = threshold.has_value() ? *threshold : auto_threshold(graph);
+  const double thr = threshold != nullptr ? *threshold : auto_threshold(graph);
   MinRootUnionFind sets(grid.pixels());
   if (average) {
     AverageLinkage<acc_t>(std::move(rows), channels, graph, sets).run(thr);
@@ -122,9 +117,8 @@ std::tuple<at::Tensor, at::Tensor> region_merge_cpu(const at::Tensor& feat_in,
     const scalar_t* data = feat.const_data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const std::optional<double> image_thr = thr ? std::optional<double>(thr[b]) : std::nullopt;
-        num_data[b] = merge_image(data + b * channels * n, channels, grid, image_thr, average,
-                                  label_data + b * n);
+        num_data[b] = merge_image(data + b * channels * n, channels, grid,
+                                  thr != nullptr ? thr + b : nullptr, average, label_data + b * n);
       }
     });
   });

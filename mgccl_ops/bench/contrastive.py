@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--symmetric-max", type=int, default=16384, help="largest N for the symmetric (CLIP) rows")
+    parser.add_argument(
+        "--materialising-max",
+        type=int,
+        default=16384,
+        help="largest N for the providers that hold N x M matrices (pytorch, open_clip: ~20 GiB at 32768)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
@@ -87,6 +93,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             if symmetric and n > args.symmetric_max:
                 continue
             for provider in ("mgccl", "pytorch") + (("open_clip",) if symmetric else ()):
+                if provider != "mgccl" and n > args.materialising_max:
+                    continue
                 params = {"provider": provider, "n": n, "symmetric": symmetric, **common}
                 name = f"{provider} (symmetric)" if symmetric else provider
                 cases.append((name, "mgccl_ops.bench.contrastive:loss_step", params, 6 * n * n * args.dim))
@@ -109,6 +117,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 f"peak {row['peak_mem_mib']} MiB",
                 flush=True,
             )
+        _write(rows, args, context)  # after every size, so a later failure keeps what was measured
+    return rows
+
+
+def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
     _add_ratios(rows)
     report.write_report(
         rows,
@@ -136,7 +149,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             "6 N M D flops for a loss step and 2 N M D for torch.mm."
         ),
     )
-    return rows
 
 
 def _add_ratios(rows: list[dict]) -> None:

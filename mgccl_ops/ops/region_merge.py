@@ -69,6 +69,10 @@ def region_merge(
       merged regions' means are recomputed over all their pixels. Stops when a round merges
       nothing.
 
+    On the CPU the images of a batch run in parallel, one thread each; the features are read
+    once, and average linkage updates its region adjacency graph between rounds (renaming and
+    deduplicating only the edges of merged regions) instead of rebuilding it from the pixels.
+
     Args:
         feat: [B, C, H, W] features (float16, bfloat16, float32 or float64; compared in float32,
             float64 for float64).
