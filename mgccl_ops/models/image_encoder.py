@@ -28,31 +28,6 @@ class _Residual(nn.Module):
         return F.relu(x + self.body(x))
 
 
-class _AffinityContext(nn.Module):
-    """Each grid cell gathers features from cells that look alike and lie near it.
-
-    Attention over the h x w grid whose logits are feature affinities plus a Gaussian
-    penalty on distance (``sigma`` cells): a pixel inside an object collects the evidence
-    of the object's edges (its shape) without taking in the background, whose cells look
-    different. Input and output [B, C, h, w].
-    """
-
-    def __init__(self, channels: int, key_dim: int = 32, sigma: float = 4.0):
-        super().__init__()
-        self.qkv = nn.Conv2d(channels, 2 * key_dim + channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
-        self.key_dim, self.sigma = key_dim, sigma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).split([self.key_dim, self.key_dim, c], dim=-1)
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        pos = torch.stack([ys.flatten(), xs.flatten()], -1).to(x.dtype)
-        bias = -torch.cdist(pos, pos).square() / (2 * self.sigma**2)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return x + self.out(ctx.transpose(1, 2).reshape(b, c, h, w))
-
-
 class DenseImageEncoder(nn.Module):
     """Image [B, 3, H, W] -> dense features [B, P, D] and a global embedding [B, D].
 
@@ -74,11 +49,10 @@ class DenseImageEncoder(nn.Module):
 
     stride = 4
 
-    def __init__(self, dim: int = 64, width: int = 64, blocks: int = 3, context: bool = True):
+    def __init__(self, dim: int = 64, width: int = 64, blocks: int = 3):
         super().__init__()
         self.stem = nn.Sequential(_conv(3, 32, stride=2), _conv(32, width, stride=2))
-        layers = [_Residual(width) for _ in range(blocks)]
-        self.blocks = nn.Sequential(*layers, *([_AffinityContext(width)] if context else []))
+        self.blocks = nn.Sequential(*[_Residual(width) for _ in range(blocks)])
         self.head = nn.Conv2d(width, dim, 1)
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1) * 255, persistent=False)

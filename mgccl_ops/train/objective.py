@@ -28,8 +28,8 @@ class ObjectiveConfig:
     """
 
     object_weight: float = 1.0
-    part_weight: float = 1.0
-    pixel_weight: float = 1.0
+    part_weight: float = 0.5
+    pixel_weight: float = 0.5
     part_tau: float = 0.1
     pixel_bound: float = 0.2
     pixel_margin: float = 0.3
