@@ -83,3 +83,12 @@ def scale_tensor(op: str, scale: float | torch.Tensor, ref: torch.Tensor) -> tor
         raise ValueError(f"{op}: scale should be finite, got {scale}")
     dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     return torch.tensor(float(scale), dtype=dtype, device=ref.device)
+
+
+def fake_gradients(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, grad_mask) -> tuple:
+    """Fake-impl outputs for (grad_q [N, D], grad_k [M, D], grad_scale []); [0] where not requested."""
+    return (
+        q.new_empty(q.shape if grad_mask[0] else (0,)),
+        k.new_empty(k.shape if grad_mask[1] else (0,)),
+        scale.new_empty(() if grad_mask[2] else (0,)),
+    )

@@ -91,19 +91,13 @@ def _contrastive_loss_fake(q, k, pos, scale, weight, reduction, symmetric, grad_
         q.new_empty((n,) if reduction == "none" else (), dtype=acc),
         q.new_empty((n,), dtype=acc),
         q.new_empty((m if symmetric else 0,), dtype=acc),
-        q.new_empty(q.shape if fused and grad_mask[0] else (0,)),
-        k.new_empty(k.shape if fused and grad_mask[1] else (0,)),
-        scale.new_empty(() if fused and grad_mask[2] else (0,)),
+        *_checks.fake_gradients(q, k, scale, [fused and wanted for wanted in grad_mask]),
     )
 
 
 @torch.library.register_fake("mgccl::contrastive_loss_backward")
 def _contrastive_loss_backward_fake(row_grad, q, k, pos, scale, row_lse, col_lse, symmetric, grad_mask):
-    return (
-        q.new_empty(q.shape if grad_mask[0] else (0,)),
-        k.new_empty(k.shape if grad_mask[1] else (0,)),
-        scale.new_empty(() if grad_mask[2] else (0,)),
-    )
+    return _checks.fake_gradients(q, k, scale, grad_mask)
 
 
 def _setup_context(ctx, inputs, output):
