@@ -72,7 +72,18 @@ def test_bench_is_handed_to_the_harness(capsys):
     assert "bench" in build_parser().format_help()
 
 
-def test_step_memory_factory_runs_in_the_harness_subprocess():
-    params = {"backend": "reference", "batch_size": 2, "hard_negatives": 2, "dim": 16, "scope": "objective"}
+@pytest.mark.parametrize("scope", ["step", "objective"])
+def test_step_memory_factory_runs_in_the_harness_subprocess(tmp_path, scope):
+    assert main(["train", "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    params = {"backend": "reference", "batch_size": 2, "hard_negatives": 2, "scope": scope,
+              "checkpoint_path": str(tmp_path / "checkpoint.pt")}  # fmt: skip
     peak = harness.peak_memory_mib(FACTORY, params, "cpu")
     assert peak is not None and peak >= 0
+
+
+def test_demo_prints_the_memory_table(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "whole step" in printed and "MGCCL objective only" in printed
+    memory = json.loads((tmp_path / "demo.json").read_text())["peak_memory_mib"]
+    assert all(memory[scope][backend] is not None for scope in ("step", "objective") for backend in memory[scope])

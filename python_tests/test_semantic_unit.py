@@ -42,6 +42,31 @@ def test_between_pixel_and_image_units():
     torch.testing.assert_close(per_image, per_pixel.mean((2, 3), keepdim=True).expand_as(per_pixel))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_guide_equals_reference(dtype):
+    pixel_feat, text_emb = inputs(dtype)
+    colour = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    guide = torch.cat([pixel_feat.detach(), 4 * colour.to(dtype)], 1)
+    out = mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, threshold=0.5, guide=guide)
+    ref = reference.adaptive_semantic_unit(pixel_feat, text_emb, threshold=0.5, guide=guide)
+    assert_close(out, ref, dtype, "logits")
+    unguided = mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, threshold=0.5)
+    assert not torch.allclose(out, unguided), "the colour channels should change the regions"
+    same = mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, threshold=0.5, guide=pixel_feat.detach())
+    torch.testing.assert_close(same, unguided)
+
+
+def test_guide_regions_follow_the_guide():
+    """Features that are all alike and a guide with two halves: two units, one per half."""
+    pixel_feat = torch.randn(1, 4, 6, 8, dtype=torch.float64) * 0.01 + 1
+    text_emb = torch.randn(3, 4, dtype=torch.float64)
+    guide = torch.zeros(1, 2, 6, 8, dtype=torch.float64)
+    guide[:, 0, :, :4], guide[:, 1, :, 4:] = 1, 1
+    out = mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, threshold=0.5, guide=guide)
+    assert out[..., :4].unique(dim=-1).shape[-1] == 1 and out[..., 4:].unique(dim=-1).shape[-1] == 1
+    assert not torch.allclose(out[..., 0], out[..., 7])
+
+
 def test_gradcheck():
     pixel_feat, text_emb = inputs(shape=(1, 3, 4, 5), texts=2)
     torch.autograd.gradcheck(
@@ -57,3 +82,9 @@ def test_bad_input():
         mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb.float())
     with pytest.raises(ValueError, match=r"pixel_feat should be a 4-D tensor"):
         mgccl_ops.adaptive_semantic_unit(pixel_feat[0], text_emb)
+    with pytest.raises(
+        ValueError, match=r"guide must be \[B, C', H, W\] with pixel_feat's B, H, W = 2, 9, 7; got \(2, 3, 9, 6\)"
+    ):
+        mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, guide=torch.zeros(2, 3, 9, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"guide should be a 4-D tensor"):
+        mgccl_ops.adaptive_semantic_unit(pixel_feat, text_emb, guide=torch.zeros(2, 9, 7, dtype=torch.float64))

@@ -11,7 +11,8 @@ import mgccl_ops.reference as reference_ops
 from mgccl_ops.train import checkpoint
 from mgccl_ops.train.backend import get_ops
 from mgccl_ops.train.config import TrainConfig
-from mgccl_ops.train.objective import ObjectiveConfig, entity_bank_index, mgccl_loss
+from mgccl_ops.train.objective import ObjectiveConfig, entity_bank_index, mgccl_loss, pixel_pseudo_labels
+from mgccl_ops.train.refine import colour_affinity, propagate
 from mgccl_ops.train.schedule import warmup_cosine
 from mgccl_ops.train.trainer import autocast_dtype, train
 
@@ -128,17 +129,66 @@ def test_resume_equals_uninterrupted_training_bit_for_bit(tmp_path):
     assert end_a["optimizer"]["state"][0]["exp_avg"].equal(end_b["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_background_key_takes_pixels_outside_every_entity_region():
+def test_background_key_competes_with_the_entities_and_is_its_own_level():
     dense, glob, cap, phrases = _features(2, p=12)
     ids = torch.tensor([[0, 1], [1, -1], [2, 3]])
     background = torch.randn(8, requires_grad=True)
     scale = torch.tensor(math.log(10.0))
-    narrow = ObjectiveConfig(pixel_margin=0.0, pixel_bound=-1.0, hard_negatives=3)
-    total, parts = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow, background)
+    cfg = ObjectiveConfig(pixel_bound=-1.0, hard_negatives=3, pixel_weight=1.0, background_weight=0.25)
+    total, parts = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, cfg, background)
+    assert set(parts) == {"object", "part", "pixel", "background"}
+    expect = parts["object"] + 0.5 * parts["part"] + parts["pixel"] + 0.25 * parts["background"]
+    assert torch.allclose(total.detach(), expect, atol=1e-5)
     total.backward()
     assert background.grad is not None and background.grad.abs().sum() > 0
-    _, without = mgccl_loss(reference_ops, dense, glob, cap, phrases, ids, scale, narrow)
-    assert parts["pixel"] != without["pixel"]  # most pixels now have the background key as positive
+
+
+def _labels(dense, slots, background, images=None, grid=None, **cfg):
+    valid = torch.ones(slots.shape[:2], dtype=torch.bool)
+    bank_row = torch.arange(slots.shape[0] * slots.shape[1]).view(slots.shape[:2])
+    scale = torch.tensor(10.0)
+    config = ObjectiveConfig(**cfg)
+    return pixel_pseudo_labels(dense, slots, valid, bank_row, background, scale, config, images, grid)
+
+
+def test_pixel_labels_are_the_best_of_own_entities_and_the_background_key():
+    eye = torch.eye(4)
+    slots = eye[None, :2]  # one image, entities e0 and e1: bank rows 0, 1; background key row 2
+    background = eye[2:3]
+    dense = torch.stack([eye[0], eye[1], eye[2], F.normalize(eye[0] + 0.5 * eye[2], dim=0), eye[3]])[None]
+    labels = _labels(dense, slots, background, refine_iters=0, pixel_bound=0.2)
+    # the last pixel is most like e0 (all ties at 0 pick e0) but below the confidence bound: ignored
+    assert labels.tolist() == [0, 1, 2, 0, -1]
+    no_key = _labels(dense, slots, background[:0], refine_iters=0, pixel_bound=-1.0)
+    assert no_key.tolist() == [0, 1, 0, 0, 0]
+
+
+def test_colour_refinement_moves_a_halo_cell_to_the_background_it_looks_like():
+    """A 4x4 grid whose left half is a red object (entity e0) and right half grey
+    background; the grey cells next to the object have features slightly closer to e0
+    (the halo a convolution leaves). Refinement gives them back to the background."""
+    eye = torch.eye(3)
+    slots, background = eye[None, :1], eye[1:2]
+    grid = (4, 4)
+    near_object = F.normalize(eye[0] + 0.9 * eye[1], dim=0)
+    cells = [eye[0] if x < 2 else (near_object if x == 2 else eye[1]) for y in range(4) for x in range(4)]
+    dense = torch.stack(cells)[None]
+    images = torch.full((1, 3, 16, 16), 128.0)
+    images[:, :, :, :8] = torch.tensor([220.0, 30.0, 30.0])[:, None, None]
+    raw = _labels(dense, slots, background, refine_iters=0).view(grid)
+    refined = _labels(dense, slots, background, images, grid, refine_iters=10).view(grid)
+    assert raw[:, 2].tolist() == [0, 0, 0, 0]  # the halo column takes the object without refinement
+    assert refined[:, :2].eq(0).all() and refined[:, 2:].eq(1).all(), refined
+
+
+def test_propagation_keeps_probabilities_and_averages_where_colours_are_alike():
+    grid = (3, 5)
+    prob = torch.softmax(torch.randn(2, 15, 4), -1)
+    flat = torch.zeros(2, 3, 12, 20)
+    out = propagate(prob, colour_affinity(flat, grid, tau=0.05), grid, iters=1)
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 15))
+    box = F.avg_pool2d(F.pad(prob.transpose(1, 2).reshape(2, 4, *grid), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    torch.testing.assert_close(out, box.flatten(2).transpose(1, 2))
 
 
 def test_fused_and_reference_backends_give_the_same_objective():

@@ -29,14 +29,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser, eval_images: int) -> Non
     parser.add_argument("--eval-images", type=int, default=eval_images, help="built-in held-out images")
     parser.add_argument("--val-images", type=int, default=96, help="built-in validation images (thresholds)")
     parser.add_argument("--groups", type=int, default=8, help="clusters per image of the per-group unit")
-    parser.add_argument("--merge-threshold", default="auto", help="region_merge threshold: a float or auto")
+    parser.add_argument(
+        "--merge-threshold",
+        default="0.9",
+        help="region_merge threshold of the adaptive unit: a float or auto (default %(default)s)",
+    )
+    parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=1.0,
+        help="weight of the image colours in the adaptive unit's merge guide; 0 merges on the "
+        "features alone, on the feature grid (default %(default)s)",
+    )
     parser.add_argument("--png-images", type=int, default=8, help="rows of the PNG grid")
 
 
 def settings_from_args(args: argparse.Namespace, templates=("{}",)) -> EvalSettings:
     merge = args.merge_threshold if args.merge_threshold == "auto" else float(args.merge_threshold)
-    return EvalSettings(units=UNITS, groups=args.groups, merge_threshold=merge, templates=templates,
-                        keep=args.png_images)  # fmt: skip
+    return EvalSettings(units=UNITS, groups=args.groups, merge_threshold=merge, colour_weight=args.colour_weight,
+                        templates=templates, keep=args.png_images)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

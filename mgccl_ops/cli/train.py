@@ -33,7 +33,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, steps: int, batch_si
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     parser.add_argument("--backend", choices=BACKENDS, default="fused",
                         help="ops: fused kernels or the plain-PyTorch reference (default %(default)s)")  # fmt: skip
-    parser.add_argument("--hard-negatives", type=int, default=8, help="mined negatives per part/pixel row")
+    parser.add_argument("--hard-negatives", type=int, default=32,
+                        help="mined negatives per part/pixel row (default %(default)s)")  # fmt: skip
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="autocast")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt with its saved settings (--steps may extend "
                              "the run; unchanged, the result equals an uninterrupted run)")  # fmt: skip
-    add_training_arguments(parser, steps=300, batch_size=32)
+    add_training_arguments(parser, steps=400, batch_size=32)
 
 
 def _concepts(path: str | None) -> ConceptVocabulary:

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .evaluator import EvalSettings, unit_logits
+from .evaluator import EvalSettings, text_bank, unit_logits
 from .metrics import ConfusionMatrix
-from .prompts import class_embeddings
+from .units import predict
 
 
 @torch.no_grad()
@@ -29,7 +28,7 @@ def calibrate_background(
     test split: the threshold is a hyper-parameter chosen on validation data. Returns
     ``{unit: threshold}`` for ``settings.units``.
     """
-    text = class_embeddings(model, list(class_names[1:]), settings.templates).cpu()
+    text, keyed = text_bank(model, class_names[1:], True, settings)
     matrices = {u: [ConfusionMatrix(len(class_names)) for _ in candidates] for u in settings.units}
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, collate_fn=lambda s: s)
     for samples in loader:
@@ -38,10 +37,9 @@ def calibrate_background(
         dense, _, grid = model.encode_image(images.to(model.logit_scale.device))
         dense = dense.float().cpu()
         for unit in settings.units:
-            logits = unit_logits(ops, unit, dense, grid, text, settings)
-            best, arg = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False).max(1)
+            logits = unit_logits(ops, unit, dense, grid, text, settings, images)
             for matrix, threshold in zip(matrices[unit], candidates, strict=True):
-                matrix.update(torch.where(best >= threshold, arg + 1, torch.zeros_like(arg)), masks)
+                matrix.update(predict(logits, tuple(masks.shape[-2:]), threshold, keyed), masks)
     return {
         unit: candidates[max(range(len(candidates)), key=lambda i: ms[i].mean_iou())] for unit, ms in matrices.items()
     }

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .metrics import ConfusionMatrix
@@ -23,7 +24,13 @@ class EvalSettings:
         background_threshold: cosine score under which a pixel is background (used only
             when the benchmark has a background class, listed first in its class names).
         groups: clusters per image for the per-group unit.
+        background_key: where the benchmark has a background class and the model a learned
+            background key (``background_emb``), a pixel whose key score beats every class
+            is background too, whatever the threshold.
         merge_threshold: ``region_merge`` threshold for the adaptive unit (float or "auto").
+        colour_weight: weight of the image colours in the adaptive unit's merge guide
+            (see :func:`~mgccl_ops.evaluate.units.adaptive_logits`); 0 merges on the
+            features alone, on the feature grid.
         templates: prompt templates for the class names.
         batch_size: images per forward pass.
         keep: how many leading images' predictions to return for plotting.
@@ -31,8 +38,10 @@ class EvalSettings:
 
     units: Sequence[str] = UNITS
     background_threshold: float = 0.5
+    background_key: bool = True
     groups: int = 8
-    merge_threshold: float | str = "auto"
+    merge_threshold: float | str = 0.9
+    colour_weight: float = 1.0
     templates: Sequence[str] = TEMPLATES
     batch_size: int = 32
     keep: int = 0
@@ -53,6 +62,20 @@ class EvalResult:
         return {unit: 100 * m.mean_iou() for unit, m in self.matrices.items()}
 
 
+@torch.no_grad()
+def text_bank(
+    model: nn.Module, named: Sequence[str], has_background: bool, settings: EvalSettings
+) -> tuple[torch.Tensor, bool]:
+    """Embeddings [T (+1), D] of the named classes (CPU), plus the model's background key
+    as a last row when it is used; returns ``(text, keyed)``."""
+    text = class_embeddings(model, list(named), settings.templates).cpu()
+    key = getattr(model, "background_emb", None)
+    keyed = has_background and settings.background_key and key is not None
+    if keyed:
+        text = torch.cat([text, F.normalize(key.detach().float().cpu(), dim=-1)[None]])
+    return text, keyed
+
+
 def unit_logits(
     ops: ModuleType,
     unit: str,
@@ -60,14 +83,16 @@ def unit_logits(
     grid: tuple[int, int],
     text: torch.Tensor,
     settings: EvalSettings,
+    images: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Class logits [B, T, h, w] of one unit from dense features [B, P, D]."""
+    """Class logits [B, T, h, w] of one unit from dense features [B, P, D] (the adaptive
+    unit's are [B, T, H, W] when the images [B, 3, H, W] are given)."""
     if unit == "pixel":
         return pixel_logits(dense, grid, text)
     if unit == "group":
         return group_logits(ops, dense, grid, text, settings.groups)
     if unit == "adaptive":
-        return adaptive_logits(ops, dense, grid, text, settings.merge_threshold)
+        return adaptive_logits(ops, dense, grid, text, settings.merge_threshold, images, settings.colour_weight)
     raise ValueError(f"unknown unit {unit!r}; expected one of {UNITS}")
 
 
@@ -88,6 +113,7 @@ def _score(
     samples: list[dict],
     text: torch.Tensor,
     threshold: float | None,
+    keyed: bool,
     settings: EvalSettings,
     result: EvalResult,
 ) -> None:
@@ -101,7 +127,8 @@ def _score(
         result.images += list(images[:room])
         result.targets += list(masks[:room])
     for unit in settings.units:
-        pred = predict(unit_logits(ops, unit, dense, grid, text, settings), tuple(masks.shape[-2:]), threshold)
+        logits = unit_logits(ops, unit, dense, grid, text, settings, images)
+        pred = predict(logits, tuple(masks.shape[-2:]), threshold, keyed)
         result.matrices[unit].update(pred, masks)
         if room > 0:
             result.predictions[unit] += list(pred[:room])
@@ -131,12 +158,12 @@ def evaluate(
     settings = settings or EvalSettings()
     model.eval()
     named = list(class_names[1:] if has_background else class_names)
-    text = class_embeddings(model, named, settings.templates).cpu()
+    text, keyed = text_bank(model, named, has_background, settings)
     threshold = settings.background_threshold if has_background else None
     result = EvalResult(list(class_names), {u: ConfusionMatrix(len(class_names)) for u in settings.units})
     result.predictions = {u: [] for u in settings.units}
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, collate_fn=lambda s: s, shuffle=False)
     for chunk in loader:
         for samples in _same_size_runs(chunk):
-            _score(model, ops, samples, text, threshold, settings, result)
+            _score(model, ops, samples, text, threshold, keyed, settings, result)
     return result

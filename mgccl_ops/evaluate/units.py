@@ -73,23 +73,47 @@ def adaptive_logits(
     dense: torch.Tensor,
     grid: tuple[int, int],
     text: torch.Tensor,
-    threshold: float | str = "auto",
+    threshold: float | str = 0.9,
+    images: torch.Tensor | None = None,
+    colour_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Adaptive semantic units: pixel logits averaged within ``region_merge`` regions of the
-    dense features (``ops.adaptive_semantic_unit``). Returns [B, T, h, w]."""
+    """Adaptive semantic units: pixel logits averaged within ``region_merge`` regions
+    (``ops.adaptive_semantic_unit``).
+
+    With ``images`` [B, 3, H, W] (0..255) and ``colour_weight > 0`` the units are formed at
+    image resolution: the dense features are upsampled bilinearly to H x W and the regions
+    are merged on a guide of the normalised upsampled features concatenated with
+    ``colour_weight`` times the pixel colours (0..1), so that units follow the colour edges
+    of the image, which the stride-4 features blur. Returns [B, T, H, W]; otherwise the
+    units are formed on the feature grid and [B, T, h, w] is returned.
+    """
     b, _, d = dense.shape
     feat = dense.float().transpose(1, 2).reshape(b, d, *grid).contiguous()
-    return ops.adaptive_semantic_unit(feat, F.normalize(text.float(), dim=-1), threshold=threshold)
+    text = F.normalize(text.float(), dim=-1)
+    if images is None or colour_weight <= 0:
+        return ops.adaptive_semantic_unit(feat, text, threshold=threshold)
+    feat = F.normalize(F.interpolate(feat, size=images.shape[-2:], mode="bilinear", align_corners=False), dim=1)
+    guide = torch.cat([feat, colour_weight * images.float().to(feat.device) / 255], 1)
+    return ops.adaptive_semantic_unit(feat, text, threshold=threshold, guide=guide)
 
 
-def predict(logits: torch.Tensor, size: tuple[int, int], background_threshold: float | None) -> torch.Tensor:
+def predict(
+    logits: torch.Tensor, size: tuple[int, int], background_threshold: float | None, background_key: bool = False
+) -> torch.Tensor:
     """Labels int64 [B, H, W] from grid logits [B, T, h, w], upsampled bilinearly to ``size``.
 
     With ``background_threshold`` set, label 0 is background (best logit below it) and class
-    ``t`` becomes ``t + 1``; otherwise labels are the argmax class indices.
+    ``t`` becomes ``t + 1``; otherwise labels are the argmax class indices. With
+    ``background_key`` the last of the T logit rows is a learned background key, not a
+    class: a pixel whose key logit beats every class logit is background as well.
     """
     up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    if background_key:
+        up, key = up[:, :-1], up[:, -1]
     best, arg = up.max(1)
     if background_threshold is None:
         return arg
-    return torch.where(best >= background_threshold, arg + 1, torch.zeros_like(arg))
+    foreground = best >= background_threshold
+    if background_key:
+        foreground &= best > key
+    return torch.where(foreground, arg + 1, torch.zeros_like(arg))

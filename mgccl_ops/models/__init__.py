@@ -25,7 +25,9 @@ def build_model(spec: dict) -> nn.Module:
     """Rebuild a model from its ``describe()`` dict (weights not loaded)."""
     kind = spec.get("kind")
     if kind == "small":
-        return SmallDualEncoder(spec["words"], spec["dim"], spec["context_length"])
+        return SmallDualEncoder(
+            spec["words"], spec["dim"], spec["context_length"], spec.get("checkpoint_activations", False)
+        )
     if kind == "open_clip":
         return OpenClipDualEncoder.from_name(spec["name"])
     raise ValueError(f"unknown model kind {kind!r}; expected 'small' or 'open_clip'")

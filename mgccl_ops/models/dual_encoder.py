@@ -26,12 +26,16 @@ class SmallDualEncoder(nn.Module):
         words: vocabulary of the word tokenizer.
         dim: shared embedding width D.
         context_length: longest text, in words.
+        checkpoint_activations: run the image encoder under activation checkpointing
+            while training (see :class:`DenseImageEncoder`).
     """
 
-    def __init__(self, words: Sequence[str], dim: int = 64, context_length: int = 24):
+    def __init__(
+        self, words: Sequence[str], dim: int = 64, context_length: int = 24, checkpoint_activations: bool = False
+    ):
         super().__init__()
         self.tokenizer = WordTokenizer(words, context_length)
-        self.image_encoder = DenseImageEncoder(dim)
+        self.image_encoder = DenseImageEncoder(dim, checkpoint_activations=checkpoint_activations)
         self.text_encoder = WordTextEncoder(self.tokenizer.vocab_size, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.background_emb = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
@@ -44,6 +48,7 @@ class SmallDualEncoder(nn.Module):
             "words": list(self.tokenizer.words),
             "dim": self.dim,
             "context_length": self.tokenizer.context_length,
+            "checkpoint_activations": self.image_encoder.checkpoint_activations,
         }
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:

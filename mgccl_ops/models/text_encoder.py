@@ -1,4 +1,4 @@
-"""A small text encoder over word ids: a bag of word embeddings and a residual MLP."""
+"""A small text encoder over word ids: a linear bag of word embeddings."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from torch import nn
 class WordTextEncoder(nn.Module):
     """Encodes word-id sequences into L2-normalised embeddings.
 
-    The mean of the word embeddings (padding excluded) goes through a residual MLP and a
-    linear projection. Averaging keeps phrases compositional: "red star" lands near the
-    combination of what "red" and "star" learned, even if the pair was never seen.
+    The mean of the word embeddings (padding excluded) goes through one linear map.
+    Being linear, a phrase's embedding is the (normalised) sum of its words' parts, so the
+    similarity of an image feature to "red star" is its similarity to "red" plus its
+    similarity to "star": a colour-shape pair never seen in training is scored from what
+    each word learned on its own (open vocabulary on the built-in data).
 
     Args:
         vocab_size: number of token ids (id 0 is padding).
@@ -23,8 +25,7 @@ class WordTextEncoder(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 64, width: int = 128):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width, padding_idx=0)
-        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
-        self.proj = nn.Linear(width, dim)
+        self.proj = nn.Linear(width, dim, bias=False)
         nn.init.normal_(self.embed.weight, std=0.5)
         with torch.no_grad():
             self.embed.weight[0].zero_()
@@ -34,4 +35,4 @@ class WordTextEncoder(nn.Module):
         valid = (tokens != 0).unsqueeze(-1).to(self.embed.weight.dtype)
         words = self.embed(tokens) * valid
         mean = words.sum(1) / valid.sum(1).clamp(min=1)
-        return F.normalize(self.proj(mean + self.mlp(mean)), dim=-1)
+        return F.normalize(self.proj(mean), dim=-1)

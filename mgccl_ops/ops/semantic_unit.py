@@ -19,11 +19,12 @@ def adaptive_semantic_unit(
     threshold: float | str | torch.Tensor = "auto",
     connectivity: int = 4,
     linkage: str = "average",
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text logits of every pixel, averaged over the adaptive region the pixel belongs to.
 
-    The regions come from ``region_merge(pixel_feat, threshold, connectivity=...,
-    linkage=...)``: between per-pixel units (threshold > 1, plain per-pixel logits) and one unit
+    The regions come from ``region_merge(guide, threshold, connectivity=..., linkage=...)``
+    (``guide`` defaults to ``pixel_feat``): between per-pixel units (threshold > 1, plain per-pixel logits) and one unit
     per image (threshold -1). A pixel's logit for text t is the cosine similarity of its feature
     and t's embedding. That is linear in the normalised pixel feature, so the region average is
     the region's mean normalised feature times t's normalised embedding: one [R, C] x [C, T]
@@ -35,6 +36,9 @@ def adaptive_semantic_unit(
         threshold: the merge threshold, as in :func:`region_merge` ("auto" by default).
         connectivity: 4 or 8.
         linkage: "average" or "single".
+        guide: optional [B, C', H, W] features the regions are merged on instead of
+            ``pixel_feat``, e.g. ``pixel_feat`` concatenated with the image's colours so
+            that regions follow colour edges; any float dtype.
 
     Returns:
         [B, T, H, W] logits in pixel_feat's dtype, differentiable in ``pixel_feat`` and
@@ -48,7 +52,18 @@ def adaptive_semantic_unit(
     _checks.check_size(op, "text_emb", text_emb, 1, pixel_feat.shape[1], "pixel_feat.shape[1] (C)")
     if text_emb.device != pixel_feat.device:
         raise ValueError(f"{op}: text_emb is on {text_emb.device} but pixel_feat is on {pixel_feat.device}")
-    labels, num = region_merge(pixel_feat, threshold, connectivity=connectivity, linkage=linkage)
+    if guide is None:
+        guide = pixel_feat
+    else:
+        _checks.check_dim(op, "guide", guide, 4, "[B, C', H, W]")
+        if guide.shape[0] != pixel_feat.shape[0] or guide.shape[2:] != pixel_feat.shape[2:]:
+            raise ValueError(
+                f"{op}: guide must be [B, C', H, W] with pixel_feat's B, H, W = "
+                f"{pixel_feat.shape[0]}, {pixel_feat.shape[2]}, {pixel_feat.shape[3]}; got {tuple(guide.shape)}"
+            )
+        if guide.device != pixel_feat.device:
+            raise ValueError(f"{op}: guide is on {guide.device} but pixel_feat is on {pixel_feat.device}")
+    labels, num = region_merge(guide, threshold, connectivity=connectivity, linkage=linkage)
     acc = torch.float64 if pixel_feat.dtype == torch.float64 else torch.float32
     pixels = F.normalize(pixel_feat.to(acc), dim=1, eps=EPS)
     texts = F.normalize(text_emb.to(acc), dim=1, eps=EPS)

@@ -195,10 +195,13 @@ def adaptive_semantic_unit(
     threshold: float | str | torch.Tensor = "auto",
     connectivity: int = 4,
     linkage: str = "average",
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference of :func:`mgccl_ops.adaptive_semantic_unit`: pixel_feat [B, C, H, W], text_emb
-    [T, C] -> [B, T, H, W]: per-pixel cosine logits averaged within the merged regions."""
-    labels, num = region_merge(pixel_feat.detach(), threshold, connectivity=connectivity, linkage=linkage)
+    [T, C] -> [B, T, H, W]: per-pixel cosine logits averaged within the regions merged on
+    ``guide`` [B, C', H, W] (default ``pixel_feat``)."""
+    merge_on = pixel_feat if guide is None else guide
+    labels, num = region_merge(merge_on.detach(), threshold, connectivity=connectivity, linkage=linkage)
     acc = accumulation_dtype(pixel_feat.dtype)
     pixels = F.normalize(pixel_feat.to(acc), dim=1, eps=EPS)
     texts = F.normalize(text_emb.to(acc), dim=1, eps=EPS)

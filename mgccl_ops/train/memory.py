@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from ..bench import harness
 from ..data.collate import collate_pairs
 from ..data.synthetic import SyntheticShapes
+from ..models import build_model
+from . import checkpoint
 from .backend import get_ops
 from .config import TrainConfig
 from .objective import ObjectiveConfig, mgccl_loss
@@ -32,12 +35,33 @@ FACTORY = "mgccl_ops.train.memory:training_step"
 
 
 def training_step(
-    backend: str, batch_size: int, hard_negatives: int, dim: int, scope: str, device: str = "cpu", seed: int = 0
+    backend: str,
+    batch_size: int,
+    hard_negatives: int,
+    scope: str,
+    checkpoint_path: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
 ) -> Callable[[], None]:
     """Setup factory: model, batch and inputs built here; the returned callable runs one
-    forward + backward of the full MGCCL objective with the given op backend."""
-    cfg = TrainConfig(seed=seed, dim=dim, objective=ObjectiveConfig(hard_negatives=hard_negatives))
-    model = build_default_model(cfg).to(device)
+    forward + backward of the full MGCCL objective with the given op backend (already run
+    once here, see :func:`_warmed_up`).
+
+    The model is the one saved at ``checkpoint_path`` (a trained one: its pixel level then
+    labels the pixels as training does, while an untrained model's pixels mostly fall under
+    the confidence bound) or, if None, a fresh default model. It is in training mode, with
+    the activation checkpointing it was built with.
+    """
+    cfg = TrainConfig(seed=seed, objective=ObjectiveConfig(hard_negatives=hard_negatives))
+    if checkpoint_path is None:
+        model = build_default_model(cfg)
+    else:
+        state = checkpoint.load(checkpoint_path)
+        model = build_model(state["model_spec"])
+        model.load_state_dict(state["model"])
+        cfg.objective = TrainConfig.from_dict(state["config"]).objective
+        cfg.objective = replace(cfg.objective, hard_negatives=hard_negatives)
+    model.to(device).train()
     data = SyntheticShapes("train", batch_size, seed=seed)
     batch = collate_pairs([data[i] for i in range(batch_size)])
     ops = get_ops(backend)
@@ -47,26 +71,42 @@ def training_step(
             loss, _ = batch_loss(model, batch, ops, cfg.objective)
             loss.backward()
 
-        return step
+        return _warmed_up(step, list(model.parameters()))
     if scope != "objective":
         raise ValueError(f"scope must be 'step' or 'objective', got {scope!r}")
+    images = batch["images"].to(device)
     with torch.no_grad():
-        dense, glob, _ = model.encode_image(batch["images"].to(device))
+        dense, glob, grid = model.encode_image(images)
         text = model.encode_text(batch["captions"] + batch["phrases"])
     leaves = [t.detach().clone().requires_grad_() for t in (dense, glob, text[:batch_size], text[batch_size:])]
     entity_ids = batch["entity_ids"].to(device)
+    background = getattr(model, "background_emb", None)
 
     def objective_step() -> None:
-        loss, _ = mgccl_loss(ops, *leaves, entity_ids, model.logit_scale, cfg.objective)
+        loss, _ = mgccl_loss(ops, *leaves, entity_ids, model.logit_scale, cfg.objective, background, images, grid)
         loss.backward()
 
-    return objective_step
+    return _warmed_up(objective_step, [*leaves, *model.parameters()])
+
+
+def _warmed_up(step: Callable[[], None], tensors: list[torch.Tensor]) -> Callable[[], None]:
+    """Run ``step`` once and drop the gradients it left, then return it.
+
+    The first step of a process also allocates what stays for the process's life (oneDNN
+    primitive caches, lazily built kernels, autograd bookkeeping); measuring a second step
+    counts only what a training step holds at its peak.
+    """
+    step()
+    for tensor in tensors:
+        tensor.grad = None
+    return step
 
 
 def compare_peak_memory(
-    batch_size: int, hard_negatives: int, dim: int = 64, device: str = "cpu"
+    batch_size: int, hard_negatives: int, checkpoint_path: str | None = None, device: str = "cpu"
 ) -> dict[str, dict[str, float | None]]:
-    """Peak extra MiB of a step per scope and backend, each measured in a fresh process.
+    """Peak extra MiB of a step per scope and backend, each measured in a fresh process
+    (model as in :func:`training_step`).
 
     Returns ``{scope: {"fused": MiB, "reference": MiB}}`` for scopes ``step`` and
     ``objective`` (None where the step failed in its subprocess).
@@ -79,7 +119,7 @@ def compare_peak_memory(
             out[scope] = {}
             for backend in ("fused", "reference"):
                 params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
-                          "dim": dim, "scope": scope, "device": device}  # fmt: skip
+                          "scope": scope, "checkpoint_path": checkpoint_path, "device": device}  # fmt: skip
                 out[scope][backend] = harness.peak_memory_mib(FACTORY, params, device)
     finally:
         if saved is None:

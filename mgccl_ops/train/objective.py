@@ -8,6 +8,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .refine import colour_affinity, propagate
+
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
@@ -16,24 +18,27 @@ class ObjectiveConfig:
     Attributes:
         object_weight, part_weight, pixel_weight: level weights; a zero weight skips the
             level (``part_weight = pixel_weight = 0`` is the object-level-only ablation).
+        background_weight: weight of the pixels whose pseudo label is the learned
+            background key. They form a level of their own, so that the many background
+            pixels do not drown the object pixels in one mean.
         part_tau: temperature of the entity-to-pixel attention that pools part regions.
-        pixel_bound: pixels whose best cosine similarity to their caption's entities is
-            below this are ignored by the pixel level.
-        pixel_margin: a pixel may take entity j as pseudo label only if its similarity to
-            j is within this margin of the best similarity any pixel of the image has to j
-            (j's region). Pixels in no entity's region (background a caption does not name,
-            mostly) take the learned background key as positive when one is given, else they
-            are ignored; either way they are not pulled toward some object.
+        pixel_bound: a pixel whose cosine similarity to the entity it is labelled with is
+            below this is ignored by the pixel level (DESIGN's confidence bound).
+        refine_iters: colour-affinity propagation steps applied to the pixel label scores
+            (:mod:`mgccl_ops.train.refine`); 0 turns refinement off.
+        refine_tau: colour distance scale of that propagation (RGB in 0..1).
         hard_negatives: negatives mined per part / pixel row.
     """
 
     object_weight: float = 1.0
     part_weight: float = 0.5
-    pixel_weight: float = 0.5
+    pixel_weight: float = 1.0
+    background_weight: float = 0.5
     part_tau: float = 0.1
     pixel_bound: float = 0.2
-    pixel_margin: float = 0.3
-    hard_negatives: int = 8
+    refine_iters: int = 10
+    refine_tau: float = 0.05
+    hard_negatives: int = 32
 
 
 def entity_bank_index(entity_ids: torch.Tensor) -> torch.Tensor:
@@ -60,6 +65,8 @@ def mgccl_loss(
     logit_scale: torch.Tensor,
     cfg: ObjectiveConfig,
     background_emb: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its detached parts for one batch.
 
@@ -74,12 +81,16 @@ def mgccl_loss(
         logit_scale: 0-dim log of the contrastive scale (learnable).
         cfg: weights and knobs.
         background_emb: optional [D] learned embedding of unnamed background, appended to
-            the entity bank as one more key (its own group): the positive of pixels outside
-            every entity's region and a negative for everything else. It keeps background
-            features away from object phrases, so a score threshold finds background.
+            the entity bank as one more key (its own group): it competes with a caption's
+            entities for the pixel labels, is the positive of the pixels it wins and a
+            negative for everything else, so background features stay away from object
+            phrases and evaluation can tell background from objects.
+        images: [B, 3, H, W] (0..255), for the colour refinement of the pixel labels.
+        grid: (h, w) of the dense feature grid, ``h * w == P``.
 
     Returns:
-        ``(total, parts)`` with parts ``object``, ``part``, ``pixel`` (levels that run).
+        ``(total, parts)`` with parts ``object``, ``part``, ``pixel``, ``background``
+        (the levels that run).
     """
     b, p, d = dense.shape
     scale = logit_scale.exp().clamp(max=100.0)
@@ -110,21 +121,69 @@ def mgccl_loss(
         levels.append((part_q, part_pos, cfg.part_weight, entity_group))
         names.append("part")
     if cfg.pixel_weight:
-        with torch.no_grad():
-            sim = torch.einsum("bpd,bed->bpe", dense, slots).masked_fill(~valid[:, None, :], -2.0)
-            region = (sim >= sim.amax(1, keepdim=True) - cfg.pixel_margin) & valid[:, None, :]  # [B, P, E]
-            best, slot = sim.masked_fill(~region, -2.0).max(-1)  # [B, P]
-            pixel_pos = bank_row.gather(1, slot)
-            pixel_pos = torch.where(best >= cfg.pixel_bound, pixel_pos, torch.full_like(pixel_pos, -1))
-            if background_emb is not None:
-                outside = ~region.any(-1)
-                pixel_pos = torch.where(outside, torch.full_like(pixel_pos, entity_rows), pixel_pos)
-            pixel_pos = pixel_pos.flatten()
-            pixel_group = torch.where(pixel_pos >= 0, bank_group[pixel_pos.clamp(min=0)], -1)
-        levels.append((dense.reshape(b * p, d), pixel_pos, cfg.pixel_weight, pixel_group))
+        pixel_pos = pixel_pseudo_labels(dense, slots, valid, bank_row, bank[entity_rows:], scale, cfg, images, grid)
+        pixel_group = torch.where(pixel_pos >= 0, bank_group[pixel_pos.clamp(min=0)], -1)
+        pixels = dense.reshape(b * p, d)
+        on_entity = (pixel_pos >= 0) & (pixel_pos < entity_rows)
+        levels.append((pixels[on_entity], pixel_pos[on_entity], cfg.pixel_weight, pixel_group[on_entity]))
         names.append("pixel")
+        if background_emb is not None and cfg.background_weight:
+            on_background = pixel_pos == entity_rows
+            levels.append(
+                (pixels[on_background], pixel_pos[on_background], cfg.background_weight, pixel_group[on_background])
+            )
+            names.append("background")
     negatives = min(cfg.hard_negatives, bank.shape[0])
     grained, per_level = ops.multi_grained_loss(levels, bank, scale, k_group=bank_group, hard_negatives=negatives)
     for name, value in zip(names, per_level, strict=True):
         parts[name] = value
     return total + grained, parts
+
+
+@torch.no_grad()
+def pixel_pseudo_labels(
+    dense: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    bank_row: torch.Tensor,
+    background: torch.Tensor,
+    scale: torch.Tensor,
+    cfg: ObjectiveConfig,
+    images: torch.Tensor | None,
+    grid: tuple[int, int] | None,
+) -> torch.Tensor:
+    """The pixel level's positive key of every pixel: int64 [B * P] (-1 = ignored).
+
+    Each pixel's candidates are its own caption's entities and, when the model has one,
+    the background key (bank row ``M_entities``, right after the entity rows). Their
+    softmax scores at the contrastive scale are propagated along the image's colour edges
+    (``cfg.refine_iters`` steps, when ``images`` and ``grid`` are given) and the best one
+    is the label. A pixel labelled with an entity it is less similar to than
+    ``cfg.pixel_bound`` is ignored.
+
+    Args:
+        dense: [B, P, D] unit-norm pixel features.
+        slots: [B, E, D] each caption's entity embeddings; valid: bool [B, E].
+        bank_row: int64 [B, E], the bank row of each entity slot.
+        background: [0, D] or [1, D], the background key if any.
+        scale: 0-dim contrastive scale.
+        images: [B, 3, H, W] (0..255) for the refinement, or None.
+        grid: (h, w) of the feature grid, h * w = P.
+    """
+    b, p, _ = dense.shape
+    sim = torch.einsum("bpd,bed->bpe", dense, slots).float().masked_fill(~valid[:, None, :], -2.0)
+    scores = torch.cat([sim, (dense @ background.T).float()], -1)  # [B, P, E (+1)]
+    if images is not None and grid is not None and cfg.refine_iters:
+        prob = torch.softmax(scale.float() * scores, -1)
+        prob = propagate(prob, colour_affinity(images, grid, cfg.refine_tau), grid, cfg.refine_iters)
+        choice = prob.masked_fill(scores <= -2.0, -1.0).argmax(-1)
+    else:
+        choice = scores.argmax(-1)
+    entities = sim.shape[-1]
+    slot = choice.clamp(max=entities - 1)
+    pos = bank_row.gather(1, slot)
+    confident = sim.gather(-1, slot[..., None])[..., 0] >= cfg.pixel_bound
+    pos = torch.where(confident, pos, torch.full_like(pos, -1))
+    background_row = int(bank_row.max()) + 1
+    pos = torch.where(choice == entities, torch.full_like(pos, background_row), pos)
+    return pos.flatten()

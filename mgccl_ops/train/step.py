@@ -15,7 +15,8 @@ def batch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of a batch from :func:`mgccl_ops.data.collate_pairs` (see ``mgccl_loss``)."""
     device = model.logit_scale.device
-    dense, global_emb, _ = model.encode_image(batch["images"].to(device))
+    images = batch["images"].to(device)
+    dense, global_emb, grid = model.encode_image(images)
     texts = batch["captions"] + batch["phrases"]
     text_emb = model.encode_text(texts)
     b = len(batch["captions"])
@@ -30,4 +31,6 @@ def batch_loss(
         model.logit_scale,
         cfg,
         getattr(model, "background_emb", None),
+        images,
+        grid,
     )

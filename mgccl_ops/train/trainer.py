@@ -51,7 +51,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def build_default_model(cfg: TrainConfig) -> nn.Module:
     """The small dual encoder over the built-in vocabulary, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    return SmallDualEncoder(vocabulary_words(), dim=cfg.dim)
+    return SmallDualEncoder(vocabulary_words(), dim=cfg.dim, checkpoint_activations=cfg.checkpoint_activations)
 
 
 def _trim_log(path: Path, last_step: int) -> None:
