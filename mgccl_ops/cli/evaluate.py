@@ -64,9 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_arguments(parser, eval_images=200)
 
 
-def synthetic_scores(model, args: argparse.Namespace, ops, threshold: float | None = None):
-    """Evaluate on the built-in held-out split; returns (result, thresholds per unit)."""
+def synthetic_scores(model, args: argparse.Namespace, ops, threshold: float | None = None, background_key: bool = True):
+    """Evaluate on the built-in held-out split; returns (result, thresholds per unit).
+
+    ``background_key=False`` finds background by the threshold alone, for a model whose
+    background key was never trained (the object-level-only ablation).
+    """
     settings = settings_from_args(args)
+    settings.background_key = background_key
     held = SyntheticShapes("heldout", args.eval_images, seed=args.seed + 1)
     if threshold is None:
         val = SyntheticShapes("val", args.val_images, seed=args.seed + 2)
