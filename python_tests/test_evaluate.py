@@ -71,6 +71,13 @@ def test_predict_applies_the_background_threshold():
     assert predict(logits, (1, 2), None).tolist() == [[[0, 1]]]
 
 
+def test_predict_calls_background_where_the_background_key_wins():
+    # [1, T=2 classes + key, 1, 3]: the key beats both classes at the middle pixel only
+    logits = torch.tensor([[[[0.9, 0.6, 0.2]], [[0.1, 0.7, 0.1]], [[0.0, 0.8, 0.0]]]])
+    assert predict(logits, (1, 3), 0.5, background_key=True).tolist() == [[[1, 0, 0]]]
+    assert predict(logits, (1, 3), -1.0, background_key=True).tolist() == [[[1, 0, 1]]]
+
+
 class OracleModel(torch.nn.Module):
     """Dense features are the one-hot class written in the image's red channel (0 = background,
     mapped to a direction no class name has); texts embed as the one-hot of the class they name."""

@@ -34,3 +34,27 @@ def test_bag_of_words_text_encoder_ignores_padding():
     short, long, swapped = model.encode_text(["red circle", "red circle circle red", "circle red"])
     assert torch.allclose(short, long, atol=1e-6) and torch.allclose(short, swapped, atol=1e-6)
     assert not torch.allclose(short, model.encode_text(["red"])[0], atol=1e-3)
+
+
+def test_text_encoder_is_linear_in_the_words():
+    model = SmallDualEncoder(["red", "star"], dim=8)
+    encoder, tok = model.text_encoder, model.tokenizer
+    red, star = (encoder.proj(encoder.embed(tok([w])[0, :1]))[0] for w in ("red", "star"))
+    expect = torch.nn.functional.normalize(red + star, dim=0)
+    assert torch.allclose(model.encode_text(["red star"])[0], expect, atol=1e-6)
+
+
+def test_activation_checkpointing_keeps_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = SmallDualEncoder(["red"], dim=16).train()
+    checkpointed = SmallDualEncoder(["red"], dim=16, checkpoint_activations=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    grads = []
+    for model in (plain, checkpointed):
+        dense, glob, _ = model.encode_image(images)
+        (dense.square().mean() + glob[:, 0].sum()).backward()
+        grads.append([p.grad for p in model.image_encoder.parameters()])
+        assert build_model(model.describe()).image_encoder.checkpoint_activations == (model is checkpointed)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

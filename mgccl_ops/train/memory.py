@@ -4,7 +4,9 @@ The step is a setup factory for the benchmark harness (``mgccl_ops.bench.harness
 runs it in a fresh subprocess and reports the growth of the peak resident set (CPU) or of
 the allocated CUDA memory during the step. ``scope="step"`` measures the whole training step
 (encoders, objective, backward); ``scope="objective"`` starts from encoder outputs that are
-leaf tensors, isolating what the ops and their plain-PyTorch twins cost.
+leaf tensors, isolating what the ops and their plain-PyTorch twins cost. The step is run
+once before it is measured (one-time allocations of a fresh process are not a step's), and
+with a trained model, whose pixel level labels pixels as in training.
 
 On the CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
 block of 64 KiB or more with its own mapping and unmaps it when freed, so memory freed while

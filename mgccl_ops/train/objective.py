@@ -170,7 +170,6 @@ def pixel_pseudo_labels(
         images: [B, 3, H, W] (0..255) for the refinement, or None.
         grid: (h, w) of the feature grid, h * w = P.
     """
-    b, p, _ = dense.shape
     sim = torch.einsum("bpd,bed->bpe", dense, slots).float().masked_fill(~valid[:, None, :], -2.0)
     scores = torch.cat([sim, (dense @ background.T).float()], -1)  # [B, P, E (+1)]
     if images is not None and grid is not None and cfg.refine_iters:
