@@ -81,9 +81,10 @@ def test_step_memory_factory_runs_in_the_harness_subprocess(tmp_path, scope):
     assert peak is not None and peak >= 0
 
 
-def test_demo_prints_the_memory_table(tmp_path, capsys):
-    assert main(["demo", "--out-dir", str(tmp_path), *TINY]) == 0
+def test_demo_prints_the_memory_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out-dir, as README's command uses
+    assert main(["demo", "--out-dir", "runs/demo", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "whole step" in printed and "MGCCL objective only" in printed
-    memory = json.loads((tmp_path / "demo.json").read_text())["peak_memory_mib"]
+    memory = json.loads((tmp_path / "runs/demo/demo.json").read_text())["peak_memory_mib"]
     assert all(memory[scope][backend] is not None for scope in ("step", "objective") for backend in memory[scope])

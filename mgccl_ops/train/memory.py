@@ -114,6 +114,8 @@ def compare_peak_memory(
     ``objective`` (None where the step failed in its subprocess).
     """
     out: dict[str, dict[str, float | None]] = {}
+    if checkpoint_path is not None:  # the measuring subprocess runs in another directory
+        checkpoint_path = os.path.abspath(checkpoint_path)
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
