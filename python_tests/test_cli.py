@@ -88,3 +88,14 @@ def test_demo_prints_the_memory_table(tmp_path, capsys, monkeypatch):
     assert "whole step" in printed and "MGCCL objective only" in printed
     memory = json.loads((tmp_path / "runs/demo/demo.json").read_text())["peak_memory_mib"]
     assert all(memory[scope][backend] is not None for scope in ("step", "objective") for backend in memory[scope])
+
+
+def test_training_step_benchmark_writes_its_report(tmp_path):
+    assert main(["train", "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    argv = ["bench", "training_step", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--batches", "2",
+            "--hard-negatives", "2", "--checkpointing", "on", "--repeats", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "out" / "training_step.json").read_text())
+    assert [r["provider"] for r in rows] == ["mgccl (K=2, checkpointing on)", "pytorch (K=2, checkpointing on)"]
+    assert all(r["peak_mem_mib"] is not None and r["time_ms"]["median"] > 0 for r in rows)
+    assert (tmp_path / "out" / "training_step.png").is_file()

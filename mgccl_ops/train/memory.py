@@ -44,6 +44,7 @@ def training_step(
     checkpoint_path: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    checkpoint_activations: bool | None = None,
 ) -> Callable[[], None]:
     """Setup factory: model, batch and inputs built here; the returned callable runs one
     forward + backward of the full MGCCL objective with the given op backend (already run
@@ -52,7 +53,7 @@ def training_step(
     The model is the one saved at ``checkpoint_path`` (a trained one: its pixel level then
     labels the pixels as training does, while an untrained model's pixels mostly fall under
     the confidence bound) or, if None, a fresh default model. It is in training mode, with
-    the activation checkpointing it was built with.
+    the activation checkpointing it was built with unless ``checkpoint_activations`` says.
     """
     cfg = TrainConfig(seed=seed, objective=ObjectiveConfig(hard_negatives=hard_negatives))
     if checkpoint_path is None:
@@ -63,6 +64,8 @@ def training_step(
         model.load_state_dict(state["model"])
         cfg.objective = TrainConfig.from_dict(state["config"]).objective
         cfg.objective = replace(cfg.objective, hard_negatives=hard_negatives)
+    if checkpoint_activations is not None:
+        model.image_encoder.checkpoint_activations = checkpoint_activations
     model.to(device).train()
     data = SyntheticShapes("train", batch_size, seed=seed)
     batch = collate_pairs([data[i] for i in range(batch_size)])

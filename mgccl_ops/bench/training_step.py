@@ -1,0 +1,108 @@
+"""Benchmark of one MGCCL training step (forward + backward) with the fused ops against plain PyTorch.
+
+The step of ``mgccl demo``: the small model restored from a trained checkpoint (so that its
+pixel level labels pixels as in training), a batch of the built-in training data, the full
+three-level objective, with the ``mgccl_ops`` ops (``mgccl``) or their plain-PyTorch
+references (``pytorch``, which gather the [N, K, D] negative keys of every pixel row). The
+sweep covers the batch size, the number of mined hard negatives K and whether the image
+encoder runs under activation checkpointing. Time is the median over repeated steps; peak
+memory is measured by :mod:`mgccl_ops.train.memory` (a fresh process, one warm-up step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import mgccl_ops
+from mgccl_ops.bench import harness, report
+from mgccl_ops.train.memory import FACTORY
+
+NAME = "training_step"
+PROVIDERS = {"mgccl": "fused", "pytorch": "reference"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="runs/demo/full/checkpoint.pt",
+                        help="a trained checkpoint of the small model (default: mgccl demo's)")  # fmt: skip
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--hard-negatives", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
+                        help="activation checkpointing of the image encoder")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(
+            f"mgccl bench {NAME}: no checkpoint at {args.checkpoint}; run `mgccl demo` or pass --checkpoint"
+        )
+    checkpoint = os.path.abspath(args.checkpoint)
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
+    context = {"device_name": harness.device_name("cpu"), "version": mgccl_ops.__version__, "torch": torch.__version__}
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # see mgccl_ops.train.memory
+    rows = []
+    for recompute in modes:
+        for negatives in args.hard_negatives:
+            for batch in args.batches:
+                for provider, backend in PROVIDERS.items():
+                    params = {"backend": backend, "batch_size": batch, "hard_negatives": negatives, "scope": "step",
+                              "checkpoint_path": checkpoint, "checkpoint_activations": recompute}  # fmt: skip
+                    step = harness.resolve(FACTORY)(**params)
+                    timing = harness.time_step(step, "cpu", repeats=args.repeats)
+                    del step
+                    label = f"{provider} (K={negatives}, checkpointing {'on' if recompute else 'off'})"
+                    row = {
+                        "bench": NAME,
+                        "provider": label,
+                        "params": {"batch": batch, "hard_negatives": negatives, "checkpointing": recompute},
+                        "time_ms": timing,
+                        "peak_mem_mib": harness.peak_memory_mib(FACTORY, params, "cpu"),
+                        **context,
+                    }
+                    rows.append(row)
+                    print(f"{label:40s} B={batch:3d}  {timing['median']:8.1f} ms  peak {row['peak_mem_mib']} MiB",
+                          flush=True)  # fmt: skip
+    _add_ratios(rows)
+    report.write_report(
+        rows,
+        args.out,
+        NAME,
+        f"MGCCL training step (forward + backward) of the demo's model, float32, {context['device_name']}",
+        columns=[
+            ("provider", "provider"),
+            ("B", "params.batch"),
+            ("time ms (median)", "time_ms.median"),
+            ("p20", "time_ms.p20"),
+            ("p80", "time_ms.p80"),
+            ("time / pytorch", "time_vs_pytorch"),
+            ("peak MiB", "peak_mem_mib"),
+            ("pytorch peak / peak", "memory_saving"),
+        ],
+        x_key="batch",
+        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
+        notes=(
+            f"mgccl_ops {context['version']}, torch {context['torch']}. One step = the small model's "
+            "forward, the object, part, pixel and background levels and the backward pass, on a batch of the "
+            f"built-in training data, model from {args.checkpoint}. Median of {args.repeats} steps after one "
+            "warm-up; peak memory is the growth of the resident set during one step in a fresh process, after "
+            "one warm-up step (model and batch excluded)."
+        ),
+    )
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Time and memory relative to the plain-PyTorch row with the same settings."""
+    by_key = {(row["provider"], row["params"]["batch"]): row for row in rows}
+    for row in rows:
+        settings = row["provider"].split(" ", 1)[1]
+        baseline = by_key.get((f"pytorch {settings}", row["params"]["batch"]))
+        if baseline is not None:
+            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
+            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
+                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]
