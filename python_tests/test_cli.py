@@ -93,7 +93,8 @@ def test_demo_prints_the_memory_table(tmp_path, capsys, monkeypatch):
 def test_training_step_benchmark_writes_its_report(tmp_path):
     assert main(["train", "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
     argv = ["bench", "training_step", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--batches", "2",
-            "--hard-negatives", "2", "--checkpointing", "on", "--repeats", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--hard-negatives", "2", "--checkpointing", "on", "--repeats", "1",
+            "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads((tmp_path / "out" / "training_step.json").read_text())
     assert [r["provider"] for r in rows] == ["mgccl (K=2, checkpointing on)", "pytorch (K=2, checkpointing on)"]
