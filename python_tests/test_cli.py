@@ -73,12 +73,15 @@ def test_bench_is_handed_to_the_harness(capsys):
 
 
 @pytest.mark.parametrize("scope", ["step", "objective"])
-def test_step_memory_factory_runs_in_the_harness_subprocess(tmp_path, scope):
+def test_step_memory_factory_runs_in_the_harness_subprocess(tmp_path, scope, monkeypatch):
     assert main(["train", "--out-dir", str(tmp_path), "--steps", "1", "--batch-size", "2", "--no-progress"]) == 0
     params = {"backend": "reference", "batch_size": 2, "hard_negatives": 2, "scope": scope,
               "checkpoint_path": str(tmp_path / "checkpoint.pt")}  # fmt: skip
+    # As compare_peak_memory runs it: every block of 64 KiB or more mapped and unmapped, so the
+    # step's allocations show in the resident set even where freed memory could be reused.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     peak = harness.peak_memory_mib(FACTORY, params, "cpu")
-    assert peak is not None and peak >= 0
+    assert peak is not None and peak > 0
 
 
 def test_demo_prints_the_memory_table(tmp_path, capsys, monkeypatch):
