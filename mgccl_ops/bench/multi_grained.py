@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     f"(p20 {timing['p20']:.1f}, p80 {timing['p80']:.1f})  peak {row['peak_mem_mib']} MiB",
                     flush=True,
                 )
-    _add_ratios(rows)
+    report.add_ratios_to_pytorch(rows, "batch")
     report.write_report(
         rows,
         args.out,
@@ -155,15 +155,3 @@ def run(args: argparse.Namespace) -> list[dict]:
         ),
     )
     return rows
-
-
-def _add_ratios(rows: list[dict]) -> None:
-    """Time and memory relative to the plain-PyTorch row of the same batch and mode."""
-    by_key = {(row["provider"], row["params"]["batch"]): row for row in rows}
-    for row in rows:
-        mode = row["provider"].split(" ", 1)[1]
-        baseline = by_key.get((f"pytorch {mode}", row["params"]["batch"]))
-        if baseline is not None:
-            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
-            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
-                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]

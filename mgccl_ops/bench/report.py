@@ -76,6 +76,20 @@ def plot(rows: Sequence[dict], x_key: str, panels: Sequence[tuple[str, str]], ti
     os.replace(temp, path)
 
 
+def add_ratios_to_pytorch(rows: Sequence[dict], size_key: str) -> None:
+    """Adds ``time_vs_pytorch`` and ``memory_saving`` to each row, relative to the row of provider
+    ``"pytorch <settings>"`` with the same ``params[size_key]``, where a row's provider is
+    ``"<name> <settings>"``."""
+    by_key = {(row["provider"], row["params"][size_key]): row for row in rows}
+    for row in rows:
+        settings = row["provider"].split(" ", 1)[1]
+        baseline = by_key.get((f"pytorch {settings}", row["params"][size_key]))
+        if baseline is not None:
+            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
+            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
+                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]
+
+
 def write_report(
     rows: Sequence[dict],
     out_dir: Path,

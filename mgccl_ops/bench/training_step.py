@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     rows.append(row)
                     print(f"{label:40s} B={batch:3d}  {timing['median']:8.1f} ms  peak {row['peak_mem_mib']} MiB",
                           flush=True)  # fmt: skip
-    _add_ratios(rows)
+    report.add_ratios_to_pytorch(rows, "batch")
     report.write_report(
         rows,
         args.out,
@@ -94,15 +94,3 @@ def run(args: argparse.Namespace) -> list[dict]:
         ),
     )
     return rows
-
-
-def _add_ratios(rows: list[dict]) -> None:
-    """Time and memory relative to the plain-PyTorch row with the same settings."""
-    by_key = {(row["provider"], row["params"]["batch"]): row for row in rows}
-    for row in rows:
-        settings = row["provider"].split(" ", 1)[1]
-        baseline = by_key.get((f"pytorch {settings}", row["params"]["batch"]))
-        if baseline is not None:
-            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
-            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
-                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]
