@@ -82,11 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     common = {"d": args.dim, "dtype": args.dtype, "device": args.device}
-    context = {
-        "device_name": harness.device_name(args.device),
-        "version": mgccl_ops.__version__,
-        "torch": torch.__version__,
-    }
+    context = harness.run_context(args.device)
     for n in args.sizes:
         cases = [("torch.mm", "mgccl_ops.bench.contrastive:mm_step", {"n": n, **common}, 2 * n * n * args.dim)]
         for symmetric in (False, True):

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+import mgccl_ops
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -77,12 +79,15 @@ def measure_peak_here(factory_path: str, params: dict, device: str) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def peak_memory_mib(factory_path: str, params: dict, device: str, timeout_s: float = 1800) -> float | None:
-    """Runs :func:`measure_peak_here` in a fresh Python process; None if the step failed there."""
+def peak_memory_mib(
+    factory_path: str, params: dict, device: str, timeout_s: float = 1800, extra_env: dict[str, str] | None = None
+) -> float | None:
+    """Runs :func:`measure_peak_here` in a fresh Python process (with ``extra_env`` added to its
+    environment); None if the step failed there."""
     command = [sys.executable, "-m", "mgccl_ops.bench.memory", factory_path, json.dumps(params), device]
     # Run outside the working directory, so that `-m` imports the installed package and not a
     # source checkout without its compiled module; keep PYTHONPATH entries valid there.
-    env = os.environ.copy()
+    env = os.environ.copy() | (extra_env or {})
     if env.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep))
     result = subprocess.run(
@@ -92,6 +97,11 @@ def peak_memory_mib(factory_path: str, params: dict, device: str, timeout_s: flo
         print(f"peak memory of {factory_path}{params} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def run_context(device: str) -> dict[str, str]:
+    """What every benchmark row records about the run: device name, mgccl_ops and torch versions."""
+    return {"device_name": device_name(device), "version": mgccl_ops.__version__, "torch": torch.__version__}
 
 
 def device_name(device: str) -> str:

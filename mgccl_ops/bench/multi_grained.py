@@ -88,11 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    context = {
-        "device_name": harness.device_name("cpu"),
-        "version": mgccl_ops.__version__,
-        "torch": torch.__version__,
-    }
+    context = harness.run_context("cpu")
     factory = "mgccl_ops.bench.multi_grained:loss_step"
     rows = []
     for hard_negatives in args.hard_negatives:

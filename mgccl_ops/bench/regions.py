@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    context = {"device_name": harness.device_name("cpu"), "version": mgccl_ops.__version__, "torch": torch.__version__}
+    context = harness.run_context("cpu")
     rows = []
     load = os.getloadavg()
     skimage_budget_left = True

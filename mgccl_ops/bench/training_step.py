@@ -6,7 +6,8 @@ three-level objective, with the ``mgccl_ops`` ops (``mgccl``) or their plain-PyT
 references (``pytorch``, which gather the [N, K, D] negative keys of every pixel row). The
 sweep covers the batch size, the number of mined hard negatives K and whether the image
 encoder runs under activation checkpointing. Time is the median over repeated steps; peak
-memory is measured by :mod:`mgccl_ops.train.memory` (a fresh process, one warm-up step).
+memory is measured by :func:`mgccl_ops.train.memory.step_peak_memory_mib` (a fresh process,
+one warm-up step).
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
-import mgccl_ops
 from mgccl_ops.bench import harness, report
-from mgccl_ops.train.memory import FACTORY
+from mgccl_ops.train.memory import FACTORY, step_peak_memory_mib
 
 NAME = "training_step"
 PROVIDERS = {"mgccl": "fused", "pytorch": "reference"}
@@ -43,8 +41,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     checkpoint = os.path.abspath(args.checkpoint)
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
-    context = {"device_name": harness.device_name("cpu"), "version": mgccl_ops.__version__, "torch": torch.__version__}
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # see mgccl_ops.train.memory
+    context = harness.run_context("cpu")
     rows = []
     for recompute in modes:
         for negatives in args.hard_negatives:
@@ -61,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "provider": label,
                         "params": {"batch": batch, "hard_negatives": negatives, "checkpointing": recompute},
                         "time_ms": timing,
-                        "peak_mem_mib": harness.peak_memory_mib(FACTORY, params, "cpu"),
+                        "peak_mem_mib": step_peak_memory_mib(params),
                         **context,
                     }
                     rows.append(row)

@@ -8,7 +8,8 @@ leaf tensors, isolating what the ops and their plain-PyTorch twins cost. The ste
 once before it is measured (one-time allocations of a fresh process are not a step's), and
 with a trained model, whose pixel level labels pixels as in training.
 
-On the CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
+On the CPU the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`MEASURE_ENV`, set by
+:func:`step_peak_memory_mib`): glibc then serves every
 block of 64 KiB or more with its own mapping and unmaps it when freed, so memory freed while
 building the inputs is not silently reused by the step and the RSS growth counts every
 tensor the step allocates.
@@ -34,6 +35,7 @@ from .step import batch_loss
 from .trainer import build_default_model
 
 FACTORY = "mgccl_ops.train.memory:training_step"
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def training_step(
@@ -119,18 +121,16 @@ def compare_peak_memory(
     out: dict[str, dict[str, float | None]] = {}
     if checkpoint_path is not None:  # the measuring subprocess runs in another directory
         checkpoint_path = os.path.abspath(checkpoint_path)
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        for scope in ("step", "objective"):
-            out[scope] = {}
-            for backend in ("fused", "reference"):
-                params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
-                          "scope": scope, "checkpoint_path": checkpoint_path, "device": device}  # fmt: skip
-                out[scope][backend] = harness.peak_memory_mib(FACTORY, params, device)
-    finally:
-        if saved is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    for scope in ("step", "objective"):
+        out[scope] = {}
+        for backend in ("fused", "reference"):
+            params = {"backend": backend, "batch_size": batch_size, "hard_negatives": hard_negatives,
+                      "scope": scope, "checkpoint_path": checkpoint_path, "device": device}  # fmt: skip
+            out[scope][backend] = step_peak_memory_mib(params, device)
     return out
+
+
+def step_peak_memory_mib(params: dict, device: str = "cpu") -> float | None:
+    """Peak extra MiB of one :func:`training_step` built from ``params``, measured in a fresh
+    process with :data:`MEASURE_ENV`; None if the step failed there."""
+    return harness.peak_memory_mib(FACTORY, params, device, extra_env=MEASURE_ENV)
