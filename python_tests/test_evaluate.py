@@ -112,6 +112,9 @@ def test_evaluate_scores_an_oracle_perfectly_and_draws_the_grid(tmp_path, backen
     settings = EvalSettings(background_threshold=0.5, groups=3, batch_size=2, keep=2)
     result = evaluate(model, samples, names, True, get_ops(backend), settings)
     assert result.mean_iou() == {"pixel": 100.0, "group": 100.0, "adaptive": 100.0}
+    per_unit = EvalSettings(background_threshold={"pixel": 0.5, "group": 0.5, "adaptive": 2.0}, groups=3)
+    scores = evaluate(model, samples, names, True, get_ops(backend), per_unit).mean_iou()
+    assert scores["pixel"] == scores["group"] == 100.0 and scores["adaptive"] < 50  # all called background
     assert len(result.images) == 2 and len(result.predictions["adaptive"]) == 2
     path = tmp_path / "grid.png"
     save_grid(path, result.images, result.targets, result.predictions, len(names), scale=2)

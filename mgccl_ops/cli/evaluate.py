@@ -78,11 +78,9 @@ def synthetic_scores(model, args: argparse.Namespace, ops, threshold: float | No
         thresholds = calibrate_background(model, val, val.class_names, ops, settings)
     else:
         thresholds = dict.fromkeys(settings.units, threshold)
-    results = {}
-    for unit in settings.units:
-        settings.units, settings.background_threshold = (unit,), thresholds[unit]
-        results[unit] = evaluate(model, held, held.class_names, True, ops, settings)
-    return results, thresholds
+    settings.background_threshold = thresholds
+    result = evaluate(model, held, held.class_names, True, ops, settings)
+    return dict.fromkeys(settings.units, result), thresholds
 
 
 def run(args: argparse.Namespace) -> int:

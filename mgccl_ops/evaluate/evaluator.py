@@ -22,7 +22,8 @@ class EvalSettings:
     Attributes:
         units: which of ``"pixel"``, ``"group"``, ``"adaptive"`` to score.
         background_threshold: cosine score under which a pixel is background (used only
-            when the benchmark has a background class, listed first in its class names).
+            when the benchmark has a background class, listed first in its class names);
+            one for all units or a ``{unit: threshold}`` dict.
         groups: clusters per image for the per-group unit.
         background_key: where the benchmark has a background class and the model a learned
             background key (``background_emb``), a pixel whose key score beats every class
@@ -37,7 +38,7 @@ class EvalSettings:
     """
 
     units: Sequence[str] = UNITS
-    background_threshold: float = 0.5
+    background_threshold: float | dict[str, float] = 0.5
     background_key: bool = True
     groups: int = 8
     merge_threshold: float | str = 0.9
@@ -112,7 +113,7 @@ def _score(
     ops: ModuleType,
     samples: list[dict],
     text: torch.Tensor,
-    threshold: float | None,
+    thresholds: dict[str, float | None],
     keyed: bool,
     settings: EvalSettings,
     result: EvalResult,
@@ -128,7 +129,7 @@ def _score(
         result.targets += list(masks[:room])
     for unit in settings.units:
         logits = unit_logits(ops, unit, dense, grid, text, settings, images)
-        pred = predict(logits, tuple(masks.shape[-2:]), threshold, keyed)
+        pred = predict(logits, tuple(masks.shape[-2:]), thresholds[unit], keyed)
         result.matrices[unit].update(pred, masks)
         if room > 0:
             result.predictions[unit] += list(pred[:room])
@@ -159,11 +160,15 @@ def evaluate(
     model.eval()
     named = list(class_names[1:] if has_background else class_names)
     text, keyed = text_bank(model, named, has_background, settings)
-    threshold = settings.background_threshold if has_background else None
+    chosen = settings.background_threshold
+    thresholds = {
+        unit: (chosen[unit] if isinstance(chosen, dict) else chosen) if has_background else None
+        for unit in settings.units
+    }
     result = EvalResult(list(class_names), {u: ConfusionMatrix(len(class_names)) for u in settings.units})
     result.predictions = {u: [] for u in settings.units}
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, collate_fn=lambda s: s, shuffle=False)
     for chunk in loader:
         for samples in _same_size_runs(chunk):
-            _score(model, ops, samples, text, threshold, keyed, settings, result)
+            _score(model, ops, samples, text, thresholds, keyed, settings, result)
     return result
