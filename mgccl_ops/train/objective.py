@@ -183,6 +183,6 @@ def pixel_pseudo_labels(
     pos = bank_row.gather(1, slot)
     confident = sim.gather(-1, slot[..., None])[..., 0] >= cfg.pixel_bound
     pos = torch.where(confident, pos, torch.full_like(pos, -1))
-    background_row = int(bank_row.max()) + 1
-    pos = torch.where(choice == entities, torch.full_like(pos, background_row), pos)
+    background_row = valid.sum()  # the row after the entity rows, as a tensor: no device sync
+    pos = torch.where(choice == entities, background_row, pos)
     return pos.flatten()
