@@ -55,9 +55,10 @@ def check_index(op: str, name: str, tensor: torch.Tensor, length: int, what: str
     check_size(op, name, tensor, 0, length, what)
 
 
-def check_same_device(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor) -> None:
+def check_same_device(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str = "q") -> None:
+    """``tensor`` (argument ``name``) is on the device of ``ref`` (argument ``ref_name``)."""
     if tensor.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {tensor.device} but q is on {ref.device}")
+        raise ValueError(f"{op}: {name} is on {tensor.device} but {ref_name} is on {ref.device}")
 
 
 def check_choice(op: str, name: str, value: object, choices: tuple) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, _double_backward
 
 OP = "contrastive_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -113,6 +113,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
+    _double_backward.refuse_if_building_graph(OP)
     if ctx.reduction == "none":
         q, k, pos, scale, weight, row_lse, col_lse = ctx.saved_tensors
         row_grad = grad_loss if weight is None else grad_loss * weight
@@ -135,3 +136,4 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
 
 
 torch.library.register_autograd("mgccl::contrastive_loss", _backward, setup_context=_setup_context)
+_double_backward.register_refusing_autograd("contrastive_loss_backward", OP)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, _double_backward
 from mgccl_ops.ops.contrastive import REDUCTIONS, accumulation_dtype
 
 MINE_OP = "topk_hard_negatives"
@@ -194,6 +194,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
+    _double_backward.refuse_if_building_graph(LOSS_OP)
     if ctx.reduction == "none":
         q, k, pos, neg_idx, scale, weight = ctx.saved_tensors
         row_grad = grad_loss if weight is None else grad_loss * weight
@@ -216,3 +217,4 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
 
 
 torch.library.register_autograd("mgccl::hard_negative_loss", _backward, setup_context=_setup_context)
+_double_backward.register_refusing_autograd("hard_negative_loss_backward", LOSS_OP)

@@ -39,7 +39,7 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
     _checks.check_float(OP, "k", k)
     if k_group is not None:
         _checks.check_index(OP, "k_group", k_group, k.shape[0], "M")
-        _checks.check_same_device(OP, "k_group", k_group, k)
+        _checks.check_same_device(OP, "k_group", k_group, k, "k")
     if isinstance(levels, torch.Tensor) or not isinstance(levels, Sequence) or len(levels) == 0:
         raise ValueError(f"{OP}: levels should be a non-empty sequence of tuples, got {levels!r:.80}")
     parsed = []
@@ -55,14 +55,14 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
         _checks.check_dim(OP, f"{name} q", q, 2, "[N_l, D]")
         _checks.check_same_dtype(OP, f"{name} q", q, "k", k)
         _checks.check_size(OP, f"{name} q", q, 1, k.shape[1], "k.shape[1] (D)")
-        _checks.check_same_device(OP, "k", k, q)
+        _checks.check_same_device(OP, f"{name} q", q, k, "k")
         _checks.check_index(OP, f"{name} pos", pos, q.shape[0], "N_l")
-        _checks.check_same_device(OP, f"{name} pos", pos, q)
+        _checks.check_same_device(OP, f"{name} pos", pos, q, f"{name} q")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"{OP}: {name} weight should be a float, got {type(weight).__name__}")
         if q_group is not None:
             _checks.check_index(OP, f"{name} q_group", q_group, q.shape[0], "N_l")
-            _checks.check_same_device(OP, f"{name} q_group", q_group, q)
+            _checks.check_same_device(OP, f"{name} q_group", q_group, q, f"{name} q")
             if k_group is None:
                 raise ValueError(f"{OP}: {name} has a q_group but k_group is None")
         parsed.append(Level(q, pos, float(weight), q_group))
@@ -122,16 +122,49 @@ def multi_grained_loss(
         isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
     ):
         raise ValueError(f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}")
-    acc = accumulation_dtype(k.dtype)
     scale_t = _checks.scale_tensor(OP, scale, k)
+    _checks.check_same_device(OP, "scale", scale_t, k, "k")
+    if torch.compiler.is_compiling():
+        return _fused_levels(parsed, k, scale_t, k_group, hard_negatives)
+    try:
+        return _fused_levels(parsed, k, scale_t, k_group, hard_negatives)
+    except RuntimeError as error:
+        raise _level_error(parsed, k, error) from error
+
+
+def _level_error(levels: list[Level], k: torch.Tensor, error: RuntimeError) -> Exception:
+    """The error of a failed fused call, naming the level at fault where one is (a positive out
+    of range) and this op in any case. Runs only after a failure, so it may read values."""
+    m = k.shape[0]
+    for index, level in enumerate(levels):
+        if level.pos.numel() > 0 and level.pos.device.type != "meta":
+            low, high = int(level.pos.min()), int(level.pos.max())
+            if low < -1 or high >= m:
+                return ValueError(
+                    f"{OP}: levels[{index}] pos values should lie in [-1, M = {m}), got min {low} and max {high}"
+                )
+    return RuntimeError(f"{OP}: {error}")
+
+
+def _fused_levels(
+    parsed: list[Level],
+    k: torch.Tensor,
+    scale_t: torch.Tensor,
+    k_group: torch.Tensor | None,
+    hard_negatives: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused computation of :func:`multi_grained_loss` on checked levels."""
+    acc = accumulation_dtype(k.dtype)
     sizes = [level.q.shape[0] for level in parsed]
     q = parsed[0].q if len(parsed) == 1 else torch.cat([level.q for level in parsed])
     pos = parsed[0].pos if len(parsed) == 1 else torch.cat([level.pos for level in parsed])
     valid = pos >= 0
     n_valid = level_sums(valid.to(acc), sizes)
+    # weight_l / n_valid_l on the rows with a positive, exactly 0 on the others (whatever
+    # weight_l is: an infinite level weight must not turn an ignored row into 0 * inf = NaN).
     row_weight = torch.cat(
         [
-            part.to(acc) * (level.weight / count.clamp_min(1))
+            torch.where(part, level.weight / count.clamp_min(1), torch.zeros((), dtype=acc, device=part.device))
             for part, level, count in zip(valid.split(sizes), parsed, n_valid)
         ]
     )

@@ -38,7 +38,7 @@ def threshold_tensor(threshold: float | str | torch.Tensor, feat: torch.Tensor) 
             )
         if not threshold.is_floating_point():
             raise ValueError(f"region_merge: threshold should be a floating tensor, got {threshold.dtype}")
-        _checks.check_same_device("region_merge", "threshold", threshold, feat)
+        _checks.check_same_device("region_merge", "threshold", threshold, feat, "feat")
         return threshold.to(torch.float64).expand(batch).contiguous()
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(
@@ -129,6 +129,11 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
 @torch.library.register_fake("mgccl::region_merge")
 def _region_merge_fake(feat, threshold, connectivity, linkage):
     check_feat("region_merge", feat, connectivity)
+    _checks.check_choice("region_merge", "linkage", linkage, LINKAGES)
+    if threshold is not None:
+        _checks.check_dim("region_merge", "threshold", threshold, 1, "[B]")
+        _checks.check_size("region_merge", "threshold", threshold, 0, feat.shape[0], "feat.shape[0] (B)")
+        _checks.check_same_device("region_merge", "threshold", threshold, feat, "feat")
     batch, _, height, width = feat.shape
     return feat.new_empty((batch, height, width), dtype=torch.int64), feat.new_empty((batch,), dtype=torch.int64)
 

@@ -41,7 +41,7 @@ def check_pixels(op: str, x: torch.Tensor, labels: torch.Tensor) -> None:
 def check_pool_inputs(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> None:
     check_pixels("region_pool", x, labels)
     _checks.check_index("region_pool", "num", num, x.shape[0], "B")
-    _checks.check_same_device("region_pool", "num", num, x)
+    _checks.check_same_device("region_pool", "num", num, x, "x")
 
 
 def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
