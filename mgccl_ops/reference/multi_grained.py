@@ -23,8 +23,9 @@ def multi_grained_loss(
     levels: ``(q_l [N_l, D], pos_l [N_l], weight_l)`` or ``(q_l, pos_l, weight_l, q_group_l [N_l])``;
     k [M, D]; k_group [M]. Returns ``total = sum_l weight_l * mean_loss_l`` (0-dim) over
     the levels that have a row with a positive, and the detached per-level mean losses [L].
-    With ``hard_negatives=K`` each level mines ``min(K, M)`` negatives per row (excluding the positive and same-group keys) and uses the
-    hard-negative loss; otherwise the full softmax over ``k``.
+    With ``hard_negatives=K`` each level mines ``min(K, M)`` negatives per row (excluding the
+    positive and same-group keys) and uses the hard-negative loss; otherwise the full softmax
+    over ``k``.
     """
     losses = []
     for level in levels:
