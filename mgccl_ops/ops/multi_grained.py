@@ -103,7 +103,8 @@ def multi_grained_loss(
     Args:
         levels: a sequence of ``(q_l [N_l, D], pos_l [N_l] int64, weight_l)`` or
             ``(q_l, pos_l, weight_l, q_group_l [N_l] int64)``; ``pos_l = -1`` ignores a row,
-            ``weight_l`` is a Python float.
+            ``weight_l`` is a Python float. A level without rows that have a positive
+            contributes nothing, whatever its weight (inf and NaN included).
         k: [M, D] keys, same dtype and device as every ``q_l``.
         scale: a float or a 0-dim tensor (logits are ``scale * <q, k>``).
         k_group: optional [M] int64 group of each key. Groups only steer the mining: with
@@ -115,7 +116,8 @@ def multi_grained_loss(
     Returns:
         ``total = sum_l weight_l * mean_loss_l`` (0-dim) and ``per_level`` [L], each level's
         mean loss over its rows with a positive (0 when none), detached; float32 (float64 for
-        float64 inputs). Gradients reach every ``q_l``, ``k`` and a tensor ``scale``.
+        float64 inputs). Gradients reach every ``q_l``, ``k`` and a tensor ``scale``; not
+        second-order ones (``create_graph=True`` raises). Errors name the level at fault.
     """
     parsed = parse_levels(levels, k, k_group)
     if hard_negatives is not None and (
