@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import mgccl_ops  # noqa: E402
-from mgccl_ops import reference  # noqa: E402
-
 from bad_input_cases import CASES, CRASH_CASE  # noqa: E402
 from compare import TOLERANCES  # noqa: E402
+
+import mgccl_ops  # noqa: E402
+from mgccl_ops import reference  # noqa: E402
 
 CLEAR_ERRORS = (ValueError, RuntimeError, TypeError)
 

@@ -43,7 +43,7 @@ def run_cases(names: list[str]) -> dict[str, dict]:
 
         threading.Thread(target=read_lines, daemon=True).start()
         stderr_tail: list[str] = []
-        threading.Thread(target=lambda: [stderr_tail.append(x) for x in worker.stderr], daemon=True).start()
+        threading.Thread(target=stderr_tail.extend, args=(worker.stderr,), daemon=True).start()
         worker.stdin.write("".join(name + "\n" for name in remaining))
         worker.stdin.close()
         running = None

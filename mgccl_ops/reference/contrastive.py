@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mgccl_ops.ops._dtypes import accumulation_dtype
+
 
 def row_weights(weight: torch.Tensor | None, pos: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """[N] weights of the rows in ``acc``: ``weight[i]`` (1 without weights) where ``pos[i] >= 0``
@@ -53,7 +55,7 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """Reference of :func:`mgccl_ops.contrastive_loss`: q [N, D], k [M, D], pos [N] -> loss."""
     check_finite_scale("contrastive_loss", scale)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     valid = pos >= 0
     w = row_weights(weight, pos, acc)
