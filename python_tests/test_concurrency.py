@@ -23,6 +23,10 @@ def inputs(seed: int, n: int = 96, m: int = 80, d: int = 24, dtype=torch.float32
     return q, k, pos, weight
 
 
+def permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def loss_job(name: str, seed: int):
     """A forward and backward: returns (loss, grad_q, grad_k, grad_scale)."""
 
@@ -36,7 +40,7 @@ def loss_job(name: str, seed: int):
         elif name == "contrastive_none":
             loss = mgccl_ops.contrastive_loss(q, k, pos, scale, reduction="none").sum()
         elif name == "contrastive_symmetric":
-            loss = mgccl_ops.contrastive_loss(q[:80], k, torch.randperm(80), scale, symmetric=True)
+            loss = mgccl_ops.contrastive_loss(q[:80], k, permutation(80, seed), scale, symmetric=True)
         elif name == "hard_negative":
             neg_idx, _ = mgccl_ops.topk_hard_negatives(q, k, 7, pos=pos)
             loss = mgccl_ops.hard_negative_loss(q, k, pos, neg_idx, scale, weight=weight, reduction="sum")
