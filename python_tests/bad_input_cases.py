@@ -189,7 +189,7 @@ def pool_inputs(b=2, c=3, h=4, w=5, dtype=torch.float32):
     labels = (torch.arange(h * w).reshape(1, h, w) // 3).expand(b, h, w).contiguous() if h * w > 0 else None
     if labels is None:
         labels = torch.zeros(b, h, w, dtype=torch.int64)
-    num = labels.reshape(b, -1).amax(1) + 1 if h * w > 0 else torch.zeros(b, dtype=torch.int64)
+    num = labels.reshape(b, h * w).amax(1) + 1 if h * w > 0 else torch.zeros(b, dtype=torch.int64)
     return {"x": x, "labels": labels, "num": num}
 
 
