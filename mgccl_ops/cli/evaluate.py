@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.root:
             raise SystemExit(f"mgccl eval: --root is needed for the {args.benchmark} benchmark")
-        data = SegmentationFolder(args.root, args.benchmark, args.split, size=args.size)
+        data = SegmentationFolder(args.root, args.benchmark, args.split)
         bench = data.benchmark
         settings = settings_from_args(args, TEMPLATES)
         settings.background_threshold = args.bg_threshold if args.bg_threshold is not None else 0.5
