@@ -10,11 +10,11 @@ from PIL import Image
 from test_readers import _expected_labels as test_readers_expected
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from mgccl_ops.bench.training_memory import step_peak_memory_mib
 from mgccl_ops.cli import build_parser, main
 from mgccl_ops.data.benchmarks import BENCHMARKS
 from mgccl_ops.models import SmallDualEncoder, split_words
 from mgccl_ops.train import checkpoint
-from mgccl_ops.train.memory import step_peak_memory_mib
 
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "2", "--val-images", "2", "--png-images", "2",
         "--backend", "reference", "--no-progress"]  # fmt: skip

@@ -6,11 +6,11 @@ import benchmark_fixtures
 import pytest
 import torch
 
+from mgccl_ops.backends import get_ops
 from mgccl_ops.cli import main
 from mgccl_ops.data.segmentation import SegmentationFolder
 from mgccl_ops.evaluate.evaluator import EvalSettings, evaluate
 from mgccl_ops.models import OpenClipDualEncoder
-from mgccl_ops.train.backend import get_ops
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip is the optional 'openclip' extra")
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
