@@ -43,9 +43,11 @@ def test_every_config_field_is_an_option_and_a_config_file_fills_the_rest(tmp_pa
         if f.name != "objective":
             assert "--" + f.name.replace("_", "-") in train_help, f.name
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"lr": 0.01, "warmup": 3, "objective": {"part_tau": 0.3, "refine_iters": 2}}))
     out = tmp_path / "run"
-    assert _train(out, "--config", str(config), "--warmup", "5", "--no-deterministic", "--pixel-bound", "0.4") == 0
+    options = {"lr": 0.01, "warmup": 3, "out_dir": str(out), "objective": {"part_tau": 0.3, "refine_iters": 2}}
+    config.write_text(json.dumps(options))
+    argv = ["train", *FAST, "--config", str(config), "--warmup", "5", "--no-deterministic", "--pixel-bound", "0.4"]
+    assert main(argv) == 0  # the folder named by the file
     saved = checkpoint.load(out / "checkpoint.pt")["config"]
     assert saved["lr"] == 0.01 and saved["warmup"] == 5 and saved["deterministic"] is False  # command line wins
     assert saved["objective"]["part_tau"] == 0.3 and saved["objective"]["refine_iters"] == 2

@@ -62,7 +62,8 @@ def config_from_args(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mgccl train``."""
-    parser.add_argument("--out-dir", default="runs/train", help="checkpoint and log folder (default %(default)s)")
+    parser.add_argument("--out-dir", default="runs/train", action=RecordedStore,
+                        help="checkpoint and log folder (default %(default)s)")  # fmt: skip
     parser.add_argument("--config", help="JSON or TOML file of training options (TrainConfig.to_dict() layout); "
                         "options given on the command line win")  # fmt: skip
     parser.add_argument("--objective", choices=("full", "object"), default="full",
@@ -172,8 +173,9 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mgccl train``."""
-    out = Path(args.out_dir)
     file = read_config_file(args.config) if args.config else {}
+    from_file = "out_dir" in file and "out_dir" not in given_options(args)
+    out = Path(file["out_dir"] if from_file else args.out_dir)
     if args.resume and args.overwrite:
         raise SystemExit("mgccl train: --resume and --overwrite exclude each other")
     model = None
