@@ -140,11 +140,12 @@ def _logit_gradient(s, row_ok, col_ok, cols, pos, lse, c, clse, c_col, SYMMETRIC
 @triton.jit
 def _product_operand(g, norm, K, UPCAST: tl.constexpr):
     """G as the left operand of the second product: in K's dtype for 16-bit inputs (scaled by norm)."""
+    operand = g
     if K.dtype.element_ty == tl.float16 or K.dtype.element_ty == tl.bfloat16:
-        if UPCAST:
-            return g * norm
-        return (g * norm).to(K.dtype.element_ty)
-    return g
+        operand = g * norm
+        if not UPCAST:
+            operand = operand.to(K.dtype.element_ty)
+    return operand
 
 
 @triton.jit
@@ -276,12 +277,18 @@ def _grad_k_kernel(
 
 
 # Launch configuration by input dtype: (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages).
+# Chosen so that no configuration spills on sm_80 or sm_90 (scripts/check_triton_aot.py).
 LAUNCH = {
-    torch.float16: (128, 128, 64, 8, 2),
-    torch.bfloat16: (128, 128, 64, 8, 2),
-    torch.float32: (64, 64, 32, 4, 2),
+    torch.float16: (64, 64, 64, 4, 2),
+    torch.bfloat16: (64, 64, 64, 4, 2),
+    torch.float32: (64, 32, 16, 4, 1),
     torch.float64: (32, 32, 16, 4, 1),
 }
+# ptxas's own register target caps some of these kernels at 128 registers and spills; with 4
+# warps a thread may use 255 without spilling (the register file holds 65536 per SM).
+MAXNREG = 255
+# Rows of q and k are padded to a multiple of ALIGN_ELEMENTS and start ALIGN_BYTES-aligned.
+ALIGN_ELEMENTS, ALIGN_BYTES = 16, 16
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -307,11 +314,12 @@ def _meta(dtype: torch.dtype) -> dict:
         "UPCAST": interpreting() and dtype in (torch.float16, torch.bfloat16),
         "num_warps": num_warps,
         "num_stages": num_stages,
+        "maxnreg": MAXNREG,
     }
 
 
 def _aot_configs() -> list[dict]:
-    """Every (kernel, signature, constexprs, num_warps, num_stages) the host code below can launch.
+    """Every (kernel, signature, constexprs, num_warps, num_stages, maxnreg) the host code can launch.
 
     UPCAST is True only under the interpreter, which never compiles, so it is False here; fp32
     appears with both input precisions since ``allow_tf32`` is read at each call.
@@ -350,6 +358,7 @@ def _config(kernel, signature: dict, constexprs: dict, num_warps: int, num_stage
         "constexprs": constexprs,
         "num_warps": num_warps,
         "num_stages": num_stages,
+        "maxnreg": MAXNREG,
     }
 
 
@@ -400,11 +409,11 @@ def _row_lse(q, k, pos, scale_acc, acc) -> tuple[torch.Tensor, torch.Tensor]:
     return lse, pos_logit
 
 
-def _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask):
-    """(grad_q [N, D], grad_k [M, D], grad_scale []) of sum_i c_i * loss_i; [0] where not asked for.
+def _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask, d_out):
+    """(grad_q [N, d_out], grad_k [M, d_out], grad_scale []) of sum_i c_i * loss_i; [0] where not asked for.
 
-    ``c_rows`` [N] is already 0 on ignored rows; ``row_lse`` [N] and ``col_lse`` [M] (symmetric)
-    are complete log-sum-exps.
+    q, k are the padded [N, D'], [M, D'] of _prepare; ``c_rows`` [N] is already 0 on ignored
+    rows; ``row_lse`` [N] and ``col_lse`` [M] (symmetric) are complete log-sum-exps.
     """
     want_q, want_k, want_scale = grad_mask
     acc = scale_acc.dtype
@@ -441,18 +450,34 @@ def _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric,
             grid = (triton.cdiv(m, meta["BLOCK_M"]),)
             _grad_k_kernel[grid](*args, grad_k, n, m, d, SYMMETRIC=symmetric, **meta)
     return (
-        grad_q.to(q.dtype) if want_q else q.new_empty(0),
-        grad_k.to(q.dtype) if want_k else q.new_empty(0),
+        grad_q[:, :d_out].to(q.dtype).contiguous() if want_q else q.new_empty(0),
+        grad_k[:, :d_out].to(q.dtype).contiguous() if want_k else q.new_empty(0),
         scale_part.sum().to(scale.dtype) if want_scale else scale.new_empty(0),
     )
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with a 16-byte aligned start (the specialisation every launch relies on)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % ALIGN_BYTES else t
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x [R, D] as an aligned [R, D'] with D' = D rounded up to 16 (zero columns change no product)."""
+    pad = -x.shape[1] % ALIGN_ELEMENTS
+    return _aligned(torch.nn.functional.pad(x, (0, pad)) if pad else x)
+
+
 def _prepare(q, k, pos, scale, symmetric):
-    """Value checks; contiguous q, k, pos; scale as a [1] tensor in the accumulation dtype."""
+    """Value checks; q, k padded to D' (a multiple of 16); pos aligned; scale as [1] in the acc dtype.
+
+    Padding D costs a copy of q and k when D % 16 != 0, and keeps every load vectorisable: the
+    kernels are compiled (and checked for spills) only for aligned rows.
+    """
     _check_values(q, k, pos, scale, symmetric)
     acc = contrastive_op.accumulation_dtype(q.dtype)
     scale_acc = scale.detach().to(acc).reshape(1)
-    return q.contiguous(), k.contiguous(), pos.contiguous(), scale_acc, acc
+    return _padded(q), _padded(k), _aligned(pos), scale_acc, acc
 
 
 def contrastive_loss(
@@ -479,6 +504,7 @@ def contrastive_loss(
         else [0].
     """
     contrastive_op.check_inputs(q, k, pos, scale, weight, reduction, symmetric)
+    d = q.shape[1]
     q, k, pos, scale_acc, acc = _prepare(q, k, pos, scale, symmetric)
     n, m = q.shape[0], k.shape[0]
     valid = pos >= 0
@@ -505,7 +531,7 @@ def contrastive_loss(
     if c_rows is None or not any(grad_mask):
         no_grads = (q.new_empty(0), k.new_empty(0), scale.new_empty(0))
         return (loss, row_lse, col_lse, *no_grads)
-    grads = _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask)
+    grads = _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask, d)
     return (loss, row_lse, col_lse, *grads)
 
 
@@ -530,10 +556,12 @@ def contrastive_loss_backward(
         (grad_q [N, D], grad_k [M, D], grad_scale []), [0] where grad_mask does not ask.
     """
     contrastive_op.check_inputs(q, k, pos, scale, None, "mean", symmetric)
+    d = q.shape[1]
     q, k, pos, scale_acc, acc = _prepare(q, k, pos, scale, symmetric)
     if row_grad.dim() != 1 or row_grad.shape[0] != q.shape[0]:
         raise ValueError(
             f"contrastive_loss_backward: row_grad should have shape [N] = [{q.shape[0]}], got {tuple(row_grad.shape)}"
         )
     c_rows = row_grad.to(acc) * (pos >= 0).to(acc)
-    return _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse.to(acc), col_lse.to(acc), symmetric, grad_mask)
+    row_lse, col_lse = _aligned(row_lse.to(acc)), _aligned(col_lse.to(acc))
+    return _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask, d)
