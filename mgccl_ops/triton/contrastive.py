@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from mgccl_ops.ops import contrastive as contrastive_op
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "contrastive_loss"
 ROW_BLOCK_ARGS = ("BLOCK_N", "BLOCK_M", "BLOCK_D")
@@ -475,7 +476,7 @@ def _prepare(q, k, pos, scale, symmetric):
     kernels are compiled (and checked for spills) only for aligned rows.
     """
     _check_values(q, k, pos, scale, symmetric)
-    acc = contrastive_op.accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scale_acc = scale.detach().to(acc).reshape(1)
     return _padded(q), _padded(k), _aligned(pos), scale_acc, acc
 
