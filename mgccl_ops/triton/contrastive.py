@@ -367,7 +367,13 @@ AOT_CONFIGS = _aot_configs()
 
 
 def _check_values(q, k, pos, scale, symmetric) -> None:
-    """The value checks of the C++ kernels (same messages), with one device sync."""
+    """The value checks of the C++ kernels (same messages), with one device sync.
+
+    Skipped while a CUDA graph is being captured, where no sync is allowed (the graph's first,
+    uncaptured run is checked like any other call).
+    """
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     m = k.shape[0]
     if pos.numel() == 0:
         finite = bool(torch.isfinite(scale))
