@@ -13,6 +13,7 @@ The shapes below cross each of these boundaries with remainders.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -201,6 +202,34 @@ def test_bad_pos_raises_from_the_triton_kernel():
     q, k, _, _, _ = make_inputs(70, 45, 3, torch.float32)
     with pytest.raises(RuntimeError, match=r"pos values should lie in \[-1, 45\), got min 0 and max 45"):
         mgccl_ops.contrastive_loss(q, k, torch.full((70,), 45).index_fill(0, torch.tensor([0]), 0), 1.0)
+
+
+def test_provider_and_cpu_switches_are_checked(monkeypatch):
+    monkeypatch.setenv("MGCCL_GPU_KERNELS", "cuda")
+    assert mgccl_ops.triton.gpu_provider() == "cuda"
+    monkeypatch.setenv("MGCCL_GPU_KERNELS", "cutlass")
+    with pytest.raises(ValueError, match=r"MGCCL_GPU_KERNELS should be one of \('triton', 'cuda'\), got 'cutlass'"):
+        mgccl_ops.triton.gpu_provider()
+    monkeypatch.setenv("MGCCL_TRITON_ON_CPU", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 too"):
+        mgccl_ops.triton.on_cpu()
+    monkeypatch.setenv("MGCCL_TRITON_ON_CPU", "0")
+    assert not mgccl_ops.triton.on_cpu()
+
+
+def test_every_kernel_module_lists_its_aot_configs():
+    """scripts/check_triton_aot.py compiles what these lists hold; each kernel of a module appears."""
+    pytest.importorskip("triton")
+    import importlib
+
+    for module_name in mgccl_ops.triton.modules():
+        module = importlib.import_module(module_name)
+        kernels = {
+            name for name, value in vars(module).items() if hasattr(value, "arg_names") and name.endswith("_kernel")
+        }
+        listed = {config["kernel"].__name__ for config in module.AOT_CONFIGS}
+        assert kernels and kernels == listed, (module_name, kernels, listed)
 
 
 TRAIN_STEP = """
