@@ -218,11 +218,9 @@ def test_provider_and_cpu_switches_are_checked(monkeypatch):
     assert not mgccl_ops.triton.on_cpu()
 
 
+@needs_triton
 def test_every_kernel_module_lists_its_aot_configs():
     """scripts/check_triton_aot.py compiles what these lists hold; each kernel of a module appears."""
-    pytest.importorskip("triton")
-    import importlib
-
     for module_name in mgccl_ops.triton.modules():
         module = importlib.import_module(module_name)
         kernels = {
