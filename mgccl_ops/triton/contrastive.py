@@ -52,7 +52,6 @@ from mgccl_ops.ops import contrastive as contrastive_op
 from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "contrastive_loss"
-ROW_BLOCK_ARGS = ("BLOCK_N", "BLOCK_M", "BLOCK_D")
 
 
 @triton.jit
@@ -294,10 +293,12 @@ TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 
 def interpreting() -> bool:
+    """Whether Triton runs on the interpreter (where 16-bit operands are upcast)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of tl.dot: TF32 for fp32 inputs only where torch allows it for matmuls."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
