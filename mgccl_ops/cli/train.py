@@ -4,19 +4,22 @@ Data: the built-in procedural set (default), a folder of image + .txt pairs
 (``folder:PATH``) or WebDataset-style shards (``shards:SPEC``, e.g.
 ``shards:cc3m/{00000..00099}.tar``). Entity phrases of real captions come from matching a
 concept vocabulary (``--concepts`` file, one per line; default: every class name of the
-eight benchmarks). Real pairs are read into memory once (``--limit`` caps them).
+eight benchmarks). Real pairs are streamed, decoded one at a time in the data-loader workers
+(``--limit`` caps the captions read for the small model's vocabulary). Under ``torchrun``
+the run uses DDP across the processes; rank 0 writes the checkpoint and the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
 from ..data.benchmarks import BENCHMARKS
 from ..data.entities import ConceptVocabulary
-from ..data.pairs import ImageTextFolder, PairList, TarShards
+from ..data.stream import PairStream
 from ..models import OpenClipDualEncoder, SmallDualEncoder, split_words
 from ..train import checkpoint
 from ..train.backend import BACKENDS
@@ -64,11 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="runs/train", help="checkpoint and log folder (default %(default)s)")
     parser.add_argument("--data", default="synthetic", help="synthetic | folder:PATH | shards:SPEC")
     parser.add_argument("--concepts", help="concept vocabulary file for entity phrases of real captions")
-    parser.add_argument("--limit", type=int, help="read at most this many real pairs")
+    parser.add_argument("--limit", type=int, help="captions read for the small model's vocabulary (default 20000)")
     parser.add_argument("--model", default="small", help="small | open_clip:ARCH (e.g. open_clip:ViT-B-16)")
     parser.add_argument("--image-size", type=int, default=96, help="side images are resized to")
     parser.add_argument("--objective", choices=("full", "object"), default="full",
                         help="all three levels, or the object-level-only ablation")  # fmt: skip
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches accumulated per optimiser step (default %(default)s)")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt with its saved settings (--steps may extend "
                              "the run; unchanged, the result equals an uninterrupted run)")  # fmt: skip
@@ -90,16 +95,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args, args.out_dir, object_only=args.objective == "object")
         cfg.image_size = args.image_size
+        cfg.accum_steps = args.accum_steps
     dataset = None
     if args.data != "synthetic":
         kind, _, where = args.data.partition(":")
-        readers = {"folder": ImageTextFolder, "shards": TarShards}
-        if kind not in readers or not where:
+        if kind not in ("folder", "shards") or not where:
             raise SystemExit(f"mgccl train: --data must be synthetic, folder:PATH or shards:SPEC, got {args.data!r}")
-        dataset = PairList(readers[kind](where, size=args.image_size, entities=_concepts(args.concepts)), args.limit)
-        print(f"read {len(dataset)} pairs; skipped {dict(dataset.skipped) or 'none'}")
-        if not len(dataset):
-            raise SystemExit("mgccl train: no usable image-caption pairs")
+        dataset = PairStream(kind, where, size=cfg.image_size, entities=_concepts(args.concepts), seed=cfg.seed)
+        print(f"streaming pairs from {len(dataset.urls)} {'shards' if kind == 'shards' else 'images'}")
     model = None
     if not args.resume:
         if args.model.startswith("open_clip:"):
@@ -107,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
         elif args.model != "small":
             raise SystemExit(f"mgccl train: --model must be small or open_clip:ARCH, got {args.model!r}")
         elif dataset is not None:
-            words = {w for s in dataset.samples for w in split_words(s["caption"])}
+            captions = dataset.captions(args.limit or 20000)
+            if not captions:
+                raise SystemExit("mgccl train: no usable image-caption pairs")
+            words = {w for caption in captions for w in split_words(caption)}
             torch.manual_seed(cfg.seed)
             model = SmallDualEncoder(sorted(words), dim=cfg.dim)
     train(cfg, resume=args.resume, model=model, dataset=dataset)
-    print(f"checkpoint: {Path(cfg.out_dir) / 'checkpoint.pt'}  log: {Path(cfg.out_dir) / 'log.jsonl'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {Path(cfg.out_dir) / 'checkpoint.pt'}  log: {Path(cfg.out_dir) / 'log.jsonl'}")
     return 0

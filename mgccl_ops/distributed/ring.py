@@ -126,7 +126,7 @@ class RingContrastive(torch.autograd.Function):
             requests = _exchange(ring, outgoing + (blocks if incoming else []), arriving + incoming)
             added = contributions(blocks, src)
             _wait(requests)
-            outgoing = [a + c for a, c in zip(arriving, added)] if step else added
+            outgoing = [a.add_(c) for a, c in zip(arriving, added)] if step else added
             blocks, src = incoming, nxt
         home = outgoing
         if ring.world > 1:
