@@ -9,7 +9,7 @@ import mgccl_ops
 from mgccl_ops.distributed.comm import Ring, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
 from mgccl_ops.distributed.ring import RingContrastive
 from mgccl_ops.ops import _checks
-from mgccl_ops.ops.contrastive import accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "contrastive_loss"
 MODES = ("gather", "ring")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import mgccl_ops
 from mgccl_ops.distributed.comm import all_gather_rows, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
-from mgccl_ops.ops.contrastive import accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 from mgccl_ops.ops.multi_grained import parse_levels
 
 OP = "multi_grained_loss"

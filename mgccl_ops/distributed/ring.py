@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from mgccl_ops.distributed.comm import Ring
-from mgccl_ops.ops.contrastive import accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 
 def _exchange(ring: Ring, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> list:

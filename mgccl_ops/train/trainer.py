@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..backends import get_ops
 from ..data.collate import collate_pairs
 from ..data.rank_sampler import RankStepBatchSampler
 from ..data.stream import StreamPosition, collate_stream
 from ..data.synthetic import SyntheticShapes, vocabulary_words
 from ..models import SmallDualEncoder, build_model
 from . import checkpoint, ddp
-from .backend import get_ops
 from .config import TrainConfig
 from .schedule import warmup_cosine
 from .step import batch_loss
