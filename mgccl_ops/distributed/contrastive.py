@@ -36,7 +36,7 @@ def check_shards(ring: Ring, q: torch.Tensor, k: torch.Tensor) -> list[int]:
     _checks.check_dim(OP, "k", k, 2, "[N, D]")
     _checks.check_float(OP, "q", q)
     _checks.check_same_dtype(OP, "k", k, "q", q)
-    _checks.check_same_device(OP, "k", k, q)
+    _checks.check_same_device(OP, "k", k, "q", q)
     if q.shape != k.shape:
         raise ValueError(f"{OP}: q and k should have the same shape [N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     shapes = gather_ints(ring, list(q.shape), q.device)
