@@ -103,16 +103,16 @@ class RingContrastive(torch.autograd.Function):
 
         def contributions(blocks: list[torch.Tensor], src: int) -> list[torch.Tensor]:
             nonlocal grad_scale
-            out = [q.new_zeros((sizes[src], d), dtype=acc) for _ in blocks]
             if not (n and sizes[src]):
-                return out
+                return [q.new_zeros((sizes[src], d), dtype=acc) for _ in blocks]
+            out = [None] * len(blocks)
             pos = torch.full((n,), sizes[src], dtype=torch.int64, device=q.device)
             for rows, lse, local, index in pairs:
                 grad_rows, grad_block, grad_s = torch.ops.mgccl.contrastive_loss_backward.default(
                     row_grad, rows, blocks[index], pos, scale, lse, no_lse, False, [True, True, want_scale]
                 )
                 local += grad_rows
-                out[index] += grad_block[: sizes[src]]
+                out[index] = grad_block[: sizes[src]].to(acc)  # the zero key's row is dropped
                 if want_scale:
                     grad_scale = grad_scale + grad_s.to(acc)
             return out
