@@ -26,6 +26,7 @@ from . import checkpoint, ddp
 from .config import TrainConfig
 from .schedule import warmup_cosine
 from .step import batch_loss
+from .tensorboard_log import TensorBoardLog
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -215,6 +216,7 @@ def _train_on(
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and ctx.is_main), desc="train", unit="step")
     tick, seen = time.perf_counter(), 0
     batches = iter(loader)
+    board = TensorBoardLog(out / "tensorboard") if cfg.tensorboard and ctx.is_main else None
     with log_path.open("a") if ctx.is_main else nullcontext() as log:
         for step in range(start + 1, stop + 1):
             optimizer.zero_grad(set_to_none=True)
@@ -266,6 +268,8 @@ def _train_on(
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                if board is not None:
+                    board.add(record)
                 tick, seen = now, 0
             if step % cfg.checkpoint_every == 0 or step == stop:
                 rngs = ddp.gather_objects(ctx, checkpoint.rng_state())
@@ -288,5 +292,7 @@ def _train_on(
                         ckpt_path,
                     )
     bar.close()
+    if board is not None:
+        board.close()
     model.eval()
     return model
