@@ -59,7 +59,9 @@ def test_train_reads_an_image_caption_folder(tmp_path, capsys):
     args = ["train", "--data", f"folder:{data}", "--out-dir", str(tmp_path / "run"), "--image-size", "32",
             "--steps", "2", "--batch-size", "4", "--backend", "reference", "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert "read 4 pairs; skipped {'missing_caption': 1}" in capsys.readouterr().out
+    assert "streaming pairs from 5 images" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert set(record["skipped"]) <= {"missing_caption"}
     with pytest.raises(SystemExit, match="--data must be"):
         main(["train", "--data", "ftp:x", "--out-dir", str(tmp_path / "x")])
 

@@ -8,6 +8,7 @@ import importlib
 # Benchmark name -> module defining NAME, add_arguments(parser) and run(args).
 BENCHMARKS = {
     "contrastive": "mgccl_ops.bench.contrastive",
+    "distributed": "mgccl_ops.bench.distributed",
     "hard_negatives": "mgccl_ops.bench.hard_negatives",
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
