@@ -32,6 +32,8 @@ import triton.language as tl
 OP = "hard_negative_loss"
 BLOCK_J = 16  # keys per program of the key-gradient kernel
 BLOCK_S = 32  # sorted entries per step of the key-gradient kernel
+KEY_BLOCK_D = 64  # D chunk of the key-gradient kernel
+ROW_BLOCK_D = 32  # D chunk of the row kernel
 
 
 @triton.jit
@@ -62,15 +64,15 @@ def _rows_kernel(
     K,
     stride_q,
     stride_k,
-    GRADS: tl.constexpr,
-    WANT_GRAD_Q: tl.constexpr,
+    grads,
+    want_grad_q,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """row_loss [N]; with GRADS also G [N, E] (coefficients coef [N]), the per-row share of
-    grad_scale [N] and, with WANT_GRAD_Q, grad_q [N, D]. g_ptr holds the dot products meanwhile."""
+    """row_loss [N]; with grads also G [N, E] (coefficients coef [N]), the per-row share of
+    grad_scale [N] and, with want_grad_q, grad_q [N, D]. g_ptr holds the dot products meanwhile."""
     E = K + 1
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
@@ -106,7 +108,7 @@ def _rows_kernel(
     lse = tl.where(has_pos, run_max + tl.log(tl.where(has_pos, run_sum, 1.0)), 0.0)  # ignored rows: 0
     tl.store(row_loss_ptr + rows, tl.where(has_pos, lse - scale * pos_dot, 0.0), mask=row_ok)
 
-    if GRADS:
+    if grads != 0:
         # Pass 2: coefficients G and the per-row share of grad_scale, sum_c G * dot.
         coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         scale_part = tl.zeros([BLOCK_R], ACC)
@@ -121,7 +123,7 @@ def _rows_kernel(
             tl.store(g_ptr + rows[:, None] * E + ents[None, :], g, mask=in_row)
         tl.store(scale_part_ptr + rows, scale_part, mask=row_ok)
 
-        if WANT_GRAD_Q:
+        if want_grad_q != 0:
             # Pass 3: grad_q = scale * sum_c G[i, c] k_key(i, c), chunk by chunk of D.
             for d0 in range(0, D, BLOCK_D):
                 d_ok = (d0 + offs_d) < D
@@ -200,23 +202,65 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def row_config(entries: int, d: int) -> dict:
-    """Block sizes of ``_rows_kernel`` for E = K + 1 entries per row and width D."""
-    block_e = min(triton.next_power_of_2(entries), 32)
-    block_d = min(triton.next_power_of_2(d), 32)
-    budget = 65536 if _interpreted() else 8192  # elements of the [R, E, D] register tile
-    block_r = max(1, min(128 if _interpreted() else 16, budget // (block_e * block_d)))
-    return {"BLOCK_R": block_r, "BLOCK_E": block_e, "BLOCK_D": block_d, "num_warps": 4}
-
-
-def key_config(d: int) -> dict:
-    """Block sizes of ``_key_grad_kernel`` for width D."""
+def row_config(entries: int, d: int, interpreted: bool = False) -> dict:
+    """Block sizes of ``_rows_kernel`` for E = K + 1 entries per row and width D (any K and D:
+    the kernel loops over entry and D chunks). On the GPU the [R, E, D] register tile holds
+    8192 elements; under the interpreter wider row blocks cut the number of programs."""
+    block_e = 8 if entries <= 8 else 32
     return {
-        "BLOCK_J": BLOCK_J,
-        "BLOCK_S": BLOCK_S,
-        "BLOCK_D": max(16, min(triton.next_power_of_2(d), 64)),
+        "BLOCK_R": 128 if interpreted else 8192 // (block_e * ROW_BLOCK_D),
+        "BLOCK_E": block_e,
+        "BLOCK_D": ROW_BLOCK_D,
         "num_warps": 4,
+        "num_stages": 1,
     }
+
+
+def key_config() -> dict:
+    """Block sizes of ``_key_grad_kernel``."""
+    return {"BLOCK_J": BLOCK_J, "BLOCK_S": BLOCK_S, "BLOCK_D": KEY_BLOCK_D, "num_warps": 4, "num_stages": 1}
+
+
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _aot_configs() -> list[dict]:
+    """Every configuration the GPU path launches, as ``triton.compile`` inputs."""
+    configs = []
+    for dtype, name in TRITON_DTYPES.items():
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        acc_tl = tl.float64 if dtype == torch.float64 else tl.float32
+        launches = [(_rows_kernel, row_config(entries, 64)) for entries in (8, 32)] + [(_key_grad_kernel, key_config())]
+        for kernel, config in launches:
+            num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+            if kernel is _rows_kernel:
+                signature = {
+                    "q_ptr": f"*{name}", "k_ptr": f"*{name}", "pos_ptr": "*i64", "neg_ptr": "*i64",
+                    "scale_ptr": f"*{acc}", "coef_ptr": f"*{acc}", "row_loss_ptr": f"*{acc}", "g_ptr": f"*{acc}",
+                    "grad_q_ptr": f"*{name}", "scale_part_ptr": f"*{acc}",
+                    **dict.fromkeys(["N", "D", "K", "stride_q", "stride_k", "grads", "want_grad_q"], "i32"),
+                }  # fmt: skip
+            else:
+                signature = {
+                    "q_ptr": f"*{name}", "g_ptr": f"*{acc}", "scale_ptr": f"*{acc}", "sorted_key_ptr": "*i64",
+                    "order_ptr": "*i64", "start_ptr": "*i64", "grad_k_ptr": f"*{name}",
+                    **dict.fromkeys(["M", "D", "E", "stride_q"], "i32"),
+                }  # fmt: skip
+            constexprs = {"ACC": acc_tl, **config}
+            signature.update(dict.fromkeys(constexprs, "constexpr"))
+            configs.append(
+                {
+                    "kernel": kernel,
+                    "signature": signature,
+                    "constexprs": constexprs,
+                    "num_warps": num_warps,
+                    "num_stages": num_stages,
+                }
+            )
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
 
 
 def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
@@ -273,11 +317,11 @@ def _gradients(q, k, pos, neg_idx, scale, coef, grad_mask):
     grad_q = torch.empty_like(q_c) if grads and want_q else q.new_empty((0,))
     scale_part = torch.zeros(n, dtype=acc, device=q.device)
     if n > 0 and m > 0:
-        config = row_config(entries, d)
+        config = row_config(entries, d, _interpreted())
         _rows_kernel[(triton.cdiv(n, config["BLOCK_R"]),)](
             q_c, k_c, pos_c, neg_c, scale_c, coef if grads else row_loss, row_loss, g,
-            grad_q if grads and want_q else row_loss, scale_part, n, d, entries - 1, q_c.stride(0), k_c.stride(0),
-            GRADS=grads, WANT_GRAD_Q=grads and want_q, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            grad_q if grads and want_q else q_c, scale_part, n, d, entries - 1, q_c.stride(0), k_c.stride(0),
+            int(grads), int(grads and want_q), ACC=tl.float64 if acc == torch.float64 else tl.float32,
             **config,
         )  # fmt: skip
     elif grads and want_q:
@@ -293,7 +337,7 @@ def _gradients(q, k, pos, neg_idx, scale, coef, grad_mask):
             listed = (pos_c[:, None] >= 0) & (keys >= 0)
             sorted_key, order = torch.sort(torch.where(listed, keys, m).reshape(-1), stable=True)
             start = torch.searchsorted(sorted_key, torch.arange(m + 1, device=q.device))
-            config = key_config(d)
+            config = key_config()
             _key_grad_kernel[(triton.cdiv(m, config["BLOCK_J"]),)](
                 q_c, g, scale_c, sorted_key, order, start, grad_k, m, d, entries, q_c.stride(0),
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, **config,

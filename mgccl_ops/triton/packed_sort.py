@@ -30,14 +30,14 @@ def _merge_steps(h, stage: tl.constexpr, order: tl.constexpr):
     longer bitonic runs). Written as one function: under the interpreter every nested jit call
     costs more than the step itself."""
     n_dims: tl.constexpr = _log2(h.numel)
-    if order == 2:
+    if order == 2:  # noqa: SIM108  (a tensor or a constexpr)
         flip = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage - 1) + [2] + [1] * stage)
     else:
         flip = order
     for step in tl.static_range(stage):
-        axis: tl.constexpr = stage - 1 - step  # counted from the innermost hypercube axis
-        partner = tl.sum(h, axis=n_dims - 1 - axis, keep_dims=True) - h
-        is_second = tl.reshape(tl.arange(0, 2), [1] * (n_dims - axis - 1) + [2] + [1] * axis)
+        # Pairs along hypercube axis n_dims - stage + step (the (stage - 1 - step)-th innermost).
+        partner = tl.sum(h, axis=n_dims - stage + step, keep_dims=True) - h
+        is_second = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage + step) + [2] + [1] * (stage - 1 - step))
         h = tl.where((h > partner) != (flip ^ is_second), partner, h)
     return h
 

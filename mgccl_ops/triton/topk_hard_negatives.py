@@ -135,11 +135,11 @@ def _mine_kernel(
     sweeps,
     stride_q,
     stride_k,
-    HAS_POS: tl.constexpr,
-    HAS_GROUP: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    HAS_MAX_SIM: tl.constexpr,
-    HAS_MARGIN: tl.constexpr,
+    has_pos,
+    has_group,
+    exclude_self,
+    has_max_sim,
+    has_margin,
     ACC: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -150,28 +150,25 @@ def _mine_kernel(
 ):
     """idx/sim [N, num]: per row the allowed keys of ranks [skip, skip + num) (see module doc).
 
-    bounds_ptr: [2] in ACC, (max_sim, margin), read when HAS_MAX_SIM / HAS_MARGIN.
+    The options are runtime flags (0/1; a pointer whose flag is 0 is never read), so one compiled
+    kernel per (dtype, STATE) serves every combination. bounds_ptr: [2] in ACC, (max_sim, margin).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    if HAS_POS:
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    else:
-        pos = tl.full([BLOCK_N], -1, tl.int64)
-    if HAS_GROUP:
-        q_group = tl.load(q_group_ptr + rows, mask=row_ok, other=0)
-    if HAS_MAX_SIM:
-        max_sim = tl.load(bounds_ptr)
-    if HAS_MARGIN:
+    pos = tl.load(pos_ptr + rows, mask=row_ok & (has_pos != 0), other=-1)
+    q_group = tl.load(q_group_ptr + rows, mask=row_ok & (has_group != 0), other=0)
+    max_sim = tl.load(bounds_ptr)
+    margin_bar = tl.full([BLOCK_N], float("inf"), ACC)
+    if has_margin != 0:
         # The positive similarity of every row, by the same tiled product as the tiles.
-        has_pos = pos >= 0
+        with_pos = pos >= 0
         pos_tile = _similarity_tile(
             q_ptr,
             k_ptr,
             rows,
-            tl.where(has_pos, pos, 0),
+            tl.where(with_pos, pos, 0),
             row_ok,
-            has_pos,
+            with_pos,
             D,
             stride_q,
             stride_k,
@@ -184,7 +181,7 @@ def _mine_kernel(
         )
         diagonal = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
         pos_sim = tl.sum(tl.where(diagonal, pos_tile, 0.0), axis=1)
-        margin_bar = pos_sim - tl.load(bounds_ptr + 1)
+        margin_bar = tl.where(with_pos, pos_sim - tl.load(bounds_ptr + 1), float("inf"))
 
     upper = tl.full([BLOCK_N], NO_BOUND, tl.int64)
     slots = tl.arange(0, STATE)
@@ -211,17 +208,13 @@ def _mine_kernel(
                 BLOCK_M,
                 BLOCK_D,
             )
+            k_group = tl.load(k_group_ptr + cols, mask=col_ok & (has_group != 0), other=0)
             allowed = row_ok[:, None] & col_ok[None, :] & (s == s)
             allowed &= cols[None, :] != pos[:, None]
-            if HAS_GROUP:
-                k_group = tl.load(k_group_ptr + cols, mask=col_ok, other=0)
-                allowed &= k_group[None, :] != q_group[:, None]
-            if EXCLUDE_SELF:
-                allowed &= cols[None, :] != rows[:, None]
-            if HAS_MAX_SIM:
-                allowed &= ~(s > max_sim)
-            if HAS_MARGIN:
-                allowed &= (pos[:, None] < 0) | ~(s > margin_bar[:, None])
+            allowed &= (k_group[None, :] != q_group[:, None]) | (has_group == 0)
+            allowed &= (cols[None, :] != rows[:, None]) | (exclude_self == 0)
+            allowed &= ~(s > max_sim) | (has_max_sim == 0)
+            allowed &= ~(s > margin_bar[:, None])  # +inf bar: no positive or no margin
             packed = _pack(s, cols)
             packed = tl.where(allowed & (packed < upper[:, None]), packed, SENTINEL)
             bar = tl.min(state, axis=1)
@@ -231,10 +224,10 @@ def _mine_kernel(
         # state[:, c] has rank sweep * STATE + STATE - 1 - c.
         rank = sweep * STATE + (STATE - 1 - slots)
         out = rank[None, :] - skip
-        keep = row_ok[:, None] & (out >= 0)[None, :] & (rank < total)[None, :]
+        keep = row_ok[:, None] & (out >= 0) & (rank < total)[None, :]
         key, score = _unpack(state)
-        tl.store(idx_ptr + rows[:, None] * num + out[None, :], key, mask=keep)
-        tl.store(sim_ptr + rows[:, None] * num + out[None, :], score, mask=keep)
+        tl.store(idx_ptr + rows[:, None] * num + out, key, mask=keep)
+        tl.store(sim_ptr + rows[:, None] * num + out, score, mask=keep)
         upper = tl.min(state, axis=1)
 
 
@@ -292,13 +285,57 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_config(total: int, dtype: torch.dtype) -> dict:
+def launch_config(total: int, dtype: torch.dtype, interpreted: bool = False) -> dict:
     """Block sizes and warps of the mining kernel for ``num + skip = total`` (>= 1) and ``dtype``."""
     state = min(triton.next_power_of_2(max(total, 1)), STATE_MAX)
-    block_m = max(state, 64)
-    num_warps = 8 if state >= 128 or dtype == torch.float64 else 4
-    block_n = INTERPRETER_BLOCK_N if _interpreted() else BLOCK_N
-    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": BLOCK_D, "STATE": state, "num_warps": num_warps}
+    return {
+        "BLOCK_N": INTERPRETER_BLOCK_N if interpreted else BLOCK_N,
+        "BLOCK_M": max(state, 64),
+        "BLOCK_D": BLOCK_D,
+        "STATE": state,
+        "num_warps": 8 if state >= 128 or dtype == torch.float64 else 4,
+        "num_stages": 1,
+    }
+
+
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _aot_configs() -> list[dict]:
+    """Every (dtype, precision, STATE) the GPU path launches, as ``triton.compile`` inputs."""
+    configs = []
+    for dtype, name in TRITON_DTYPES.items():
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
+            for log_state in range(STATE_MAX.bit_length()):
+                config = launch_config(2**log_state, dtype)
+                num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+                signature = {
+                    "q_ptr": f"*{name}", "k_ptr": f"*{name}", "pos_ptr": "*i64", "q_group_ptr": "*i64",
+                    "k_group_ptr": "*i64", "bounds_ptr": f"*{acc}", "idx_ptr": "*i64", "sim_ptr": "*fp32",
+                    **dict.fromkeys(["N", "M", "D", "num", "skip", "sweeps", "stride_q", "stride_k"], "i32"),
+                    **dict.fromkeys(["has_pos", "has_group", "exclude_self", "has_max_sim", "has_margin"], "i32"),
+                }  # fmt: skip
+                constexprs = {
+                    "ACC": tl.float64 if acc == "fp64" else tl.float32,
+                    "UPCAST": False,
+                    "PRECISION": precision,
+                    **config,
+                }
+                signature.update(dict.fromkeys(constexprs, "constexpr"))
+                configs.append(
+                    {
+                        "kernel": _mine_kernel,
+                        "signature": signature,
+                        "constexprs": constexprs,
+                        "num_warps": num_warps,
+                        "num_stages": num_stages,
+                    }
+                )
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
 
 
 def topk_hard_negatives(
@@ -329,7 +366,7 @@ def topk_hard_negatives(
     total = min(num + skip, m)
     if skip >= m:
         return idx, sim
-    config = launch_config(total, q.dtype)
+    config = launch_config(total, q.dtype, _interpreted())
     sweeps = triton.cdiv(total, config["STATE"])
     bounds = torch.tensor(
         [max_sim if max_sim is not None else 0.0, margin if margin is not None else 0.0], dtype=acc, device=q.device
@@ -354,13 +391,13 @@ def topk_hard_negatives(
         sweeps,
         q_c.stride(0),
         k_c.stride(0),
-        HAS_POS=pos is not None,
-        HAS_GROUP=q_group is not None,
-        EXCLUDE_SELF=bool(exclude_self),
-        HAS_MAX_SIM=max_sim is not None,
-        HAS_MARGIN=margin is not None,
+        int(pos is not None),
+        int(q_group is not None),
+        int(bool(exclude_self)),
+        int(max_sim is not None),
+        int(margin is not None),
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        UPCAST=_interpreted() or q.dtype == torch.float64,
+        UPCAST=_interpreted(),
         PRECISION=precision,
         **config,
     )
