@@ -204,10 +204,12 @@ def test_dtypes_match_reference(dtype):
 @needs_triton
 def test_bad_options():
     q, k, pos, _, _ = integer_inputs(4, 5, 3)
-    with pytest.raises(RuntimeError, match="exclude_self needs N == M.*N = 4 and M = 5"):
+    with pytest.raises(RuntimeError, match="exclude_self=True needs as many queries as keys, got N = 4 and M = 5"):
         mine(q, k, 2, exclude_self=True)
     with pytest.raises(RuntimeError, match="margin needs pos"):
         mine(q, k, 2, margin=0.5)
+    with pytest.raises(RuntimeError, match="max_sim should be a number, got nan"):
+        mine(q, k, 2, max_sim=float("nan"))
     with pytest.raises(RuntimeError, match="skip should be >= 0, got -1"):
         mine(q, k, 2, skip=-1)
     with pytest.raises(RuntimeError, match=r"num should lie in \[0, M = 5\], got -2"):

@@ -14,9 +14,9 @@ import os
 import torch
 
 KERNELS = {
-    "topk_hard_negatives": "topk_hard_negatives:topk_hard_negatives",
-    "hard_negative_loss": "hard_negative_loss:hard_negative_loss",
-    "hard_negative_loss_backward": "hard_negative_loss:hard_negative_loss_backward",
+    "topk_hard_negatives": "mgccl_ops.triton.topk_hard_negatives:topk_hard_negatives",
+    "hard_negative_loss": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss",
+    "hard_negative_loss_backward": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss_backward",
 }
 
 
@@ -40,5 +40,5 @@ def register() -> None:
         return
     for op, target in KERNELS.items():
         module_name, function_name = target.split(":")
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        module = importlib.import_module(module_name)
         torch.library.register_kernel(f"mgccl::{op}", devices, getattr(module, function_name))

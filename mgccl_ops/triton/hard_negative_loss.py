@@ -34,6 +34,7 @@ BLOCK_J = 16  # keys per program of the key-gradient kernel
 BLOCK_S = 32  # sorted entries per step of the key-gradient kernel
 KEY_BLOCK_D = 64  # D chunk of the key-gradient kernel
 ROW_BLOCK_D = 32  # D chunk of the row kernel
+ROW_TILE = 2048  # elements of the row kernel's [BLOCK_R, BLOCK_E, BLOCK_D] gather tile (64-bit pointers each)
 
 
 @triton.jit
@@ -205,10 +206,10 @@ def _interpreted() -> bool:
 def row_config(entries: int, d: int, interpreted: bool = False) -> dict:
     """Block sizes of ``_rows_kernel`` for E = K + 1 entries per row and width D (any K and D:
     the kernel loops over entry and D chunks). On the GPU the [R, E, D] register tile holds
-    8192 elements; under the interpreter wider row blocks cut the number of programs."""
+    ROW_TILE elements; under the interpreter wider row blocks cut the number of programs."""
     block_e = 8 if entries <= 8 else 32
     return {
-        "BLOCK_R": 128 if interpreted else 8192 // (block_e * ROW_BLOCK_D),
+        "BLOCK_R": 128 if interpreted else ROW_TILE // (block_e * ROW_BLOCK_D),
         "BLOCK_E": block_e,
         "BLOCK_D": ROW_BLOCK_D,
         "num_warps": 4,

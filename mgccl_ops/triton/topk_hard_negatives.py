@@ -20,13 +20,14 @@ bitonic merge sorts it again (``packed_sort.py``: ``tl.topk`` / ``tl.bitonic_mer
 pair exchange runs as one NumPy call under the interpreter). Tiles with nothing above the bar cost no sorting.
 
 Sweeps (the path for ``num + skip`` above ``STATE_MAX``). A program's selection holds at most
-``STATE_MAX = 256`` entries per row: a 16 x 512 int64 selection and its sort temporaries do not
-fit the register file without spills (``scripts/check_triton_aot.py`` reports them), so larger
-selections run as ``ceil((num + skip) / 256)`` sweeps over the key bank inside the same launch.
-Sweep p keeps only keys whose packed value lies strictly below the smallest one selected by sweep
-p - 1 (exact, since packed values are distinct), so sweep p yields ranks [256 p, 256 p + 256).
-``num + skip <= 256`` is a single sweep; 1024 takes four; any larger count (up to M) works the
-same way, with time growing with the number of sweeps and memory still O(N * (num + skip)).
+``STATE_MAX = 256`` entries per row: at 256 the kernel already uses 249-255 registers per thread
+(measured with ptxas for sm_90 / sm_80, 16 rows, 8 warps), so a wider selection cannot stay in
+registers. Larger counts run as ``ceil((num + skip) / 256)`` sweeps over the key bank inside the
+same launch: sweep p keeps only keys whose packed value lies strictly below the smallest one
+selected by sweep p - 1 (exact, since packed values are distinct), so it yields ranks
+[256 p, 256 p + 256). ``num + skip <= 256`` is one sweep, 1024 takes four, and any larger count
+(up to M) works the same way: time grows with the number of sweeps (each recomputes the tile
+products), memory stays O(N * num) and the N x M matrix never exists.
 
 fp64 inputs: the similarities are accumulated in fp64 and filtered (``max_sim``, ``margin``) in
 fp64, but ranked by their float32 rounding (the packed key has 32 bits for the score). Keys whose
@@ -239,7 +240,7 @@ def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
         raise RuntimeError(f"{OP}: {name} values should lie in [{low}, {high}), got min {lo} and max {hi}")
 
 
-def _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, margin, skip) -> None:
+def _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip) -> None:
     """The C++ kernel's checks, with its messages (RuntimeError)."""
     for name, tensor in (("q", q), ("k", k)):
         if tensor.dim() != 2:
@@ -256,9 +257,12 @@ def _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, margin, skip) 
     if skip < 0:
         raise RuntimeError(f"{OP}: skip should be >= 0, got {skip}")
     if exclude_self and n != m:
-        raise RuntimeError(f"{OP}: exclude_self needs N == M (the queries are the keys), got N = {n} and M = {m}")
+        raise RuntimeError(f"{OP}: exclude_self=True needs as many queries as keys, got N = {n} and M = {m}")
+    for name, value in (("max_sim", max_sim), ("margin", margin)):
+        if value is not None and value != value:
+            raise RuntimeError(f"{OP}: {name} should be a number, got nan")
     if margin is not None and pos is None:
-        raise RuntimeError(f"{OP}: margin needs pos (it is measured from the positive similarity)")
+        raise RuntimeError(f"{OP}: margin needs pos (the similarity it is measured from), got pos=None")
     if (q_group is None) != (k_group is None):
         given = "q_group" if q_group is not None else "k_group"
         raise RuntimeError(f"{OP}: q_group and k_group should be given together, got only {given}")
@@ -356,7 +360,7 @@ def topk_hard_negatives(
     ranks [skip, skip + num) by similarity descending, ties to the smaller index; -1 / -inf pad.
     The trailing options default so that the older six-argument schema calls it too.
     """
-    _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, margin, skip)
+    _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     idx = torch.full((n, num), -1, dtype=torch.int64, device=q.device)
     sim = torch.full((n, num), float("-inf"), dtype=torch.float32, device=q.device)
