@@ -2,7 +2,7 @@
 
 One program owns ``BLOCK_N`` query rows and sweeps the key bank in tiles of ``BLOCK_M`` keys:
 ``s = q_tile @ k_tile.T`` (``tl.dot``, fp32 accumulation, fp64 for fp64 inputs), the exclusion
-rules turn disallowed entries into a SENTINEL, and a running per-row top-``STATE`` selection
+rules turn disallowed entries into a sentinel, and a running per-row top-``STATE`` selection
 absorbs the tile. The N x M similarities never exist; beyond inputs and outputs a program holds
 one tile and its rows' selections.
 
@@ -14,14 +14,15 @@ of a row is distinct. Excluded keys (positive, same group, self, above ``max_sim
 ``margin`` of the positive, NaN, past the end) become ``INT64_MIN``, below every allowed value
 (``-inf`` included, which stays selectable). The running selection is kept ascending; a tile
 with any candidate above the row's current minimum is merged: its best ``STATE`` candidates
-(``packed_topk``, descending) against the ascending selection element-wise (``max`` of an
+(``packed_topk``, descending; a 64-key tile sorted and padded with the sentinel when STATE is
+larger) against the ascending selection element-wise (``max`` of an
 ascending and a descending sequence is the top half of their union, a bitonic sequence), then a
 bitonic merge sorts it again (``packed_sort.py``: ``tl.topk`` / ``tl.bitonic_merge`` networks whose
 pair exchange runs as one NumPy call under the interpreter). Tiles with nothing above the bar cost no sorting.
 
 Sweeps (the path for ``num + skip`` above ``STATE_MAX``). A program's selection holds at most
-``STATE_MAX = 256`` entries per row: at 256 the kernel already uses 249-255 registers per thread
-(measured with ptxas for sm_90 / sm_80, 16 rows, 8 warps), so a wider selection cannot stay in
+``STATE_MAX = 256`` entries per row: at 256 the kernel already uses 255 registers per thread on
+sm_80 (ptxas, 16 rows, 64-key tiles, 8 warps, no spills), so a wider selection cannot stay in
 registers. Larger counts run as ``ceil((num + skip) / 256)`` sweeps over the key bank inside the
 same launch: sweep p keeps only keys whose packed value lies strictly below the smallest one
 selected by sweep p - 1 (exact, since packed values are distinct), so it yields ranks
@@ -220,7 +221,12 @@ def _mine_kernel(
             packed = tl.where(allowed & (packed < upper[:, None]), packed, SENTINEL)
             bar = tl.min(state, axis=1)
             if tl.max((packed > bar[:, None]).to(tl.int32)) > 0:
-                best = packed_topk(packed, STATE)
+                if STATE <= BLOCK_M:
+                    best = packed_topk(packed, STATE)
+                else:  # the tile sorted, then padded to STATE entries (still descending)
+                    chunk = tl.arange(0, STATE // BLOCK_M)[None, :, None]
+                    spread = tl.where(chunk == 0, packed_topk(packed, BLOCK_M)[:, None, :], SENTINEL)
+                    best = tl.reshape(spread, [BLOCK_N, STATE])
                 state = packed_bitonic_merge_ascending(tl.maximum(state, best))
         # state[:, c] has rank sweep * STATE + STATE - 1 - c.
         rank = sweep * STATE + (STATE - 1 - slots)
@@ -294,7 +300,7 @@ def launch_config(total: int, dtype: torch.dtype, interpreted: bool = False) -> 
     state = min(triton.next_power_of_2(max(total, 1)), STATE_MAX)
     return {
         "BLOCK_N": INTERPRETER_BLOCK_N if interpreted else BLOCK_N,
-        "BLOCK_M": max(state, 64),
+        "BLOCK_M": 32 if state <= 32 else 64,
         "BLOCK_D": BLOCK_D,
         "STATE": state,
         "num_warps": 8 if state >= 128 or dtype == torch.float64 else 4,
