@@ -319,6 +319,15 @@ def test_multi_grained_hard_negatives_one_mining_call(dtype, monkeypatch):
         assert_close(ours, ref, dtype, "grad q")
 
 
+@pytest.mark.skipif(os.environ.get("MGCCL_TRITON_ON_CPU") != "1", reason="needs MGCCL_TRITON_ON_CPU=1")
+def test_triton_kernels_serve_cpu_tensors():
+    """Under MGCCL_TRITON_ON_CPU=1 the Python (Triton) kernels replace the C++ CPU kernels."""
+    for op in ("topk_hard_negatives", "hard_negative_loss", "hard_negative_loss_backward"):
+        table = torch._C._dispatch_dump(f"mgccl::{op}")
+        cpu = next(line for line in table.splitlines() if line.startswith("CPU:"))
+        assert "torch/library.py" in cpu, f"{op}: {cpu}"
+
+
 def test_row_groups_without_a_key_group_match_nothing():
     """Mixed levels: renumbered groups keep equality between rows and keys, -1 matches no key."""
     k_group = torch.tensor([7, -3, 7, 2**62, 5])
