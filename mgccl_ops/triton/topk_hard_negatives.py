@@ -220,7 +220,9 @@ def _mine_kernel(
             packed = _pack(s, cols)
             packed = tl.where(allowed & (packed < upper[:, None]), packed, SENTINEL)
             bar = tl.min(state, axis=1)
-            if tl.max((packed > bar[:, None]).to(tl.int32)) > 0:
+            # A loop of 0 or 1 trips rather than an `if`: Triton 3.8 fails to unify the layouts
+            # of an scf.if yielding the merged selection (fp16, STATE 128, sm_80).
+            for _ in range(tl.max((packed > bar[:, None]).to(tl.int32))):
                 if STATE <= BLOCK_M:
                     best = packed_topk(packed, STATE)
                 else:  # the tile sorted, then padded to STATE entries (still descending)
