@@ -38,20 +38,20 @@ ROW_TILE = 2048  # elements of the row kernel's [BLOCK_R, BLOCK_E, BLOCK_D] gath
 
 
 @triton.jit
-def _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, K):
+def _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, num_neg):
     """Key of each (row, entry) [BLOCK_R, BLOCK_E] and whether it is listed."""
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    neg_ok = row_ok[:, None] & (ents[None, :] >= 1) & (ents[None, :] <= K)
-    neg = tl.load(neg_ptr + rows[:, None] * K + (ents[None, :] - 1), mask=neg_ok, other=-1)
+    neg_ok = row_ok[:, None] & (ents[None, :] >= 1) & (ents[None, :] <= num_neg)
+    neg = tl.load(neg_ptr + rows[:, None] * num_neg + (ents[None, :] - 1), mask=neg_ok, other=-1)
     key = tl.where(ents[None, :] == 0, pos[:, None], neg)
-    listed = (pos[:, None] >= 0) & (key >= 0) & (ents[None, :] <= K) & row_ok[:, None]
+    listed = (pos[:, None] >= 0) & (key >= 0) & (ents[None, :] <= num_neg) & row_ok[:, None]
     return key, listed
 
 
 @triton.jit
 def _rows_kernel(
-    q_ptr,
-    k_ptr,
+    Q,
+    K,
     pos_ptr,
     neg_ptr,
     scale_ptr,
@@ -62,7 +62,7 @@ def _rows_kernel(
     scale_part_ptr,
     N,
     D,
-    K,
+    num_neg,
     stride_q,
     stride_k,
     grads,
@@ -74,13 +74,13 @@ def _rows_kernel(
 ):
     """row_loss [N]; with grads also G [N, E] (coefficients coef [N]), the per-row share of
     grad_scale [N] and, with want_grad_q, grad_q [N, D]. g_ptr holds the dot products meanwhile."""
-    E = K + 1
+    E = num_neg + 1
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr).to(ACC)
-    q_rows = q_ptr + rows[:, None] * stride_q
+    q_rows = Q + rows[:, None] * stride_q
 
     # Pass 1: dot products (stored) and the online log-sum-exp of the listed logits.
     run_max = tl.full([BLOCK_R], float("-inf"), ACC)
@@ -88,8 +88,8 @@ def _rows_kernel(
     pos_dot = tl.zeros([BLOCK_R], ACC)
     for e0 in range(0, E, BLOCK_E):
         ents = e0 + offs_e
-        key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, K)
-        k_rows = k_ptr + tl.where(listed, key, 0)[:, :, None] * stride_k
+        key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, num_neg)
+        k_rows = K + tl.where(listed, key, 0)[:, :, None] * stride_k
         dots = tl.zeros([BLOCK_R, BLOCK_E], ACC)
         for d0 in range(0, D, BLOCK_D):
             d_ok = (d0 + offs_d) < D
@@ -115,7 +115,7 @@ def _rows_kernel(
         scale_part = tl.zeros([BLOCK_R], ACC)
         for e0 in range(0, E, BLOCK_E):
             ents = e0 + offs_e
-            key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, K)
+            key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, num_neg)
             in_row = row_ok[:, None] & (ents[None, :] < E)
             dots = tl.load(g_ptr + rows[:, None] * E + ents[None, :], mask=in_row, other=0.0)
             softmax = tl.exp(scale * dots - lse[:, None])
@@ -131,10 +131,10 @@ def _rows_kernel(
                 acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
                 for e0 in range(0, E, BLOCK_E):
                     ents = e0 + offs_e
-                    key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, K)
+                    key, listed = _entry_keys(pos_ptr, neg_ptr, rows, row_ok, ents, num_neg)
                     g = tl.load(g_ptr + rows[:, None] * E + ents[None, :], mask=listed, other=0.0)
                     kd = tl.load(
-                        k_ptr + tl.where(listed, key, 0)[:, :, None] * stride_k + (d0 + offs_d)[None, None, :],
+                        K + tl.where(listed, key, 0)[:, :, None] * stride_k + (d0 + offs_d)[None, None, :],
                         mask=listed[:, :, None] & d_ok[None, None, :],
                         other=0.0,
                     )
@@ -148,7 +148,7 @@ def _rows_kernel(
 
 @triton.jit
 def _key_grad_kernel(
-    q_ptr,
+    Q,
     g_ptr,
     scale_ptr,
     sorted_key_ptr,
@@ -185,7 +185,7 @@ def _key_grad_kernel(
             key = tl.load(sorted_key_ptr + p, mask=p_ok, other=-1)
             g = tl.load(g_ptr + entry, mask=p_ok, other=0.0)
             qd = tl.load(
-                q_ptr + (entry // E)[:, None] * stride_q + (d0 + offs_d)[None, :],
+                Q + (entry // E)[:, None] * stride_q + (d0 + offs_d)[None, :],
                 mask=p_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
@@ -226,7 +226,8 @@ TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def _aot_configs() -> list[dict]:
-    """Every configuration the GPU path launches, as ``triton.compile`` inputs."""
+    """Every configuration the GPU path launches, as ``triton.compile`` inputs (the query pointer
+    is named ``Q``, where ``scripts/check_triton_aot.py`` reads the dtype)."""
     configs = []
     for dtype, name in TRITON_DTYPES.items():
         acc = "fp64" if dtype == torch.float64 else "fp32"
@@ -236,14 +237,14 @@ def _aot_configs() -> list[dict]:
             num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
             if kernel is _rows_kernel:
                 signature = {
-                    "q_ptr": f"*{name}", "k_ptr": f"*{name}", "pos_ptr": "*i64", "neg_ptr": "*i64",
+                    "Q": f"*{name}", "K": f"*{name}", "pos_ptr": "*i64", "neg_ptr": "*i64",
                     "scale_ptr": f"*{acc}", "coef_ptr": f"*{acc}", "row_loss_ptr": f"*{acc}", "g_ptr": f"*{acc}",
                     "grad_q_ptr": f"*{name}", "scale_part_ptr": f"*{acc}",
-                    **dict.fromkeys(["N", "D", "K", "stride_q", "stride_k", "grads", "want_grad_q"], "i32"),
+                    **dict.fromkeys(["N", "D", "num_neg", "stride_q", "stride_k", "grads", "want_grad_q"], "i32"),
                 }  # fmt: skip
             else:
                 signature = {
-                    "q_ptr": f"*{name}", "g_ptr": f"*{acc}", "scale_ptr": f"*{acc}", "sorted_key_ptr": "*i64",
+                    "Q": f"*{name}", "g_ptr": f"*{acc}", "scale_ptr": f"*{acc}", "sorted_key_ptr": "*i64",
                     "order_ptr": "*i64", "start_ptr": "*i64", "grad_k_ptr": f"*{name}",
                     **dict.fromkeys(["M", "D", "E", "stride_q"], "i32"),
                 }  # fmt: skip

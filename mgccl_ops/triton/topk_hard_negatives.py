@@ -83,8 +83,8 @@ def _unpack(packed):
 
 @triton.jit
 def _similarity_tile(
-    q_ptr,
-    k_ptr,
+    Q,
+    K,
     rows,
     cols,
     row_ok,
@@ -105,10 +105,10 @@ def _similarity_tile(
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + offs_d) < D
         qd = tl.load(
-            q_ptr + rows[:, None] * stride_q + (d0 + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            Q + rows[:, None] * stride_q + (d0 + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
         )
         kd = tl.load(
-            k_ptr + cols[:, None].to(tl.int64) * stride_k + (d0 + offs_d)[None, :],
+            K + cols[:, None].to(tl.int64) * stride_k + (d0 + offs_d)[None, :],
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -121,8 +121,8 @@ def _similarity_tile(
 
 @triton.jit
 def _mine_kernel(
-    q_ptr,
-    k_ptr,
+    Q,
+    K,
     pos_ptr,
     q_group_ptr,
     k_group_ptr,
@@ -165,8 +165,8 @@ def _mine_kernel(
         # The positive similarity of every row, by the same tiled product as the tiles.
         with_pos = pos >= 0
         pos_tile = _similarity_tile(
-            q_ptr,
-            k_ptr,
+            Q,
+            K,
             rows,
             tl.where(with_pos, pos, 0),
             row_ok,
@@ -194,8 +194,8 @@ def _mine_kernel(
             cols = j0 + tl.arange(0, BLOCK_M)
             col_ok = cols < M
             s = _similarity_tile(
-                q_ptr,
-                k_ptr,
+                Q,
+                K,
                 rows,
                 cols,
                 row_ok,
@@ -314,7 +314,8 @@ TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 
 def _aot_configs() -> list[dict]:
-    """Every (dtype, precision, STATE) the GPU path launches, as ``triton.compile`` inputs."""
+    """Every (dtype, precision, STATE) the GPU path launches, as ``triton.compile`` inputs (the
+    query pointer is named ``Q``, where ``scripts/check_triton_aot.py`` reads the dtype)."""
     configs = []
     for dtype, name in TRITON_DTYPES.items():
         acc = "fp64" if dtype == torch.float64 else "fp32"
@@ -323,7 +324,7 @@ def _aot_configs() -> list[dict]:
                 config = launch_config(2**log_state, dtype)
                 num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
                 signature = {
-                    "q_ptr": f"*{name}", "k_ptr": f"*{name}", "pos_ptr": "*i64", "q_group_ptr": "*i64",
+                    "Q": f"*{name}", "K": f"*{name}", "pos_ptr": "*i64", "q_group_ptr": "*i64",
                     "k_group_ptr": "*i64", "bounds_ptr": f"*{acc}", "idx_ptr": "*i64", "sim_ptr": "*fp32",
                     **dict.fromkeys(["N", "M", "D", "num", "skip", "sweeps", "stride_q", "stride_k"], "i32"),
                     **dict.fromkeys(["has_pos", "has_group", "exclude_self", "has_max_sim", "has_margin"], "i32"),
