@@ -56,6 +56,7 @@ BLOCK_N = 16
 # code, masks and merges) keep the CPU test suite fast.
 INTERPRETER_BLOCK_N = 64
 BLOCK_D = 32
+STATE_MIN = 8
 STATE_MAX = 256
 SENTINEL = tl.constexpr(-(2**63))  # packed value of an excluded key: below every allowed one
 NO_BOUND = tl.constexpr(2**63 - 1)  # first sweep's upper bound: above every allowed packed value
@@ -298,8 +299,11 @@ def _interpreted() -> bool:
 
 
 def launch_config(total: int, dtype: torch.dtype, interpreted: bool = False) -> dict:
-    """Block sizes and warps of the mining kernel for ``num + skip = total`` (>= 1) and ``dtype``."""
-    state = min(triton.next_power_of_2(max(total, 1)), STATE_MAX)
+    """Block sizes and warps of the mining kernel for ``num + skip = total`` (>= 1) and ``dtype``.
+
+    The selection holds a power of two in [STATE_MIN, STATE_MAX] entries per row (a few spare
+    entries cost nothing and halve the configurations to compile)."""
+    state = min(max(triton.next_power_of_2(total), STATE_MIN), STATE_MAX)
     return {
         "BLOCK_N": INTERPRETER_BLOCK_N if interpreted else BLOCK_N,
         "BLOCK_M": 32 if state <= 32 else 64,
@@ -320,7 +324,7 @@ def _aot_configs() -> list[dict]:
     for dtype, name in TRITON_DTYPES.items():
         acc = "fp64" if dtype == torch.float64 else "fp32"
         for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):
-            for log_state in range(STATE_MAX.bit_length()):
+            for log_state in range(STATE_MIN.bit_length() - 1, STATE_MAX.bit_length()):
                 config = launch_config(2**log_state, dtype)
                 num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
                 signature = {
