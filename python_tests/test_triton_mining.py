@@ -3,7 +3,7 @@
 The kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported, as ``.ci/run`` does with ``MGCCL_TRITON_ON_CPU=1``), or on a CUDA device.
 Sizes cross every tile boundary: N, M not multiples of the row/key blocks, D not a power of two
-and above BLOCK_D, num above a key tile and above one selection sweep (256), num = 0 and = M.
+and above BLOCK_D, num above a key tile and above one selection sweep (128), num = 0 and = M.
 Small-integer inputs make every similarity exact, so ties and option thresholds compare bit for
 bit.
 """
@@ -113,7 +113,7 @@ def assert_same(ours, ref):
         (70, 130, 7, 70),  # num above a 64-key tile (STATE 128), N past the interpreter's 64 rows
         (9, 40, 3, 0),
         (9, 40, 3, 40),  # num = M: every allowed key, then padding
-        (5, 300, 4, 261),  # above one 256-entry selection: two sweeps
+        (5, 300, 4, 261),  # above two 128-entry selections: three sweeps
     ],
 )
 def test_tile_boundaries_and_exact_ties(n, m, d, num):
@@ -148,7 +148,7 @@ def test_mining_options(options):
 
 @needs_triton
 def test_options_with_sweeps():
-    """Filters hold in every sweep: 300 > 256 selected entries with skip, margin and groups."""
+    """Filters hold in every sweep: 300 > 128 selected entries with skip, margin and groups."""
     q, k, pos, q_group, k_group = integer_inputs(6, 400, 5, seed=11)
     options = {"pos": pos, "q_group": q_group, "k_group": k_group, "margin": 0.0, "skip": 20}
     assert_same(mine(q, k, 280, **options), reference_mining(q, k, 280, **options))
@@ -345,11 +345,12 @@ def test_row_groups_without_a_key_group_match_nothing():
 def test_aot_configs_cover_every_launch():
     """Every configuration the GPU path can launch is listed for the ahead-of-time compile."""
 
-    def key(kernel, constexprs, num_warps, num_stages):
-        return (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps, num_stages)
+    def key(kernel, constexprs, num_warps, num_stages, maxnreg=None):
+        constants = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
+        return (kernel.__name__, constants, num_warps, num_stages, maxnreg)
 
     listed = {
-        key(c["kernel"], c["constexprs"], c["num_warps"], c["num_stages"])
+        key(c["kernel"], c["constexprs"], c["num_warps"], c["num_stages"], c.get("maxnreg"))
         for module in (mining_kernel, loss_kernel)
         for c in module.AOT_CONFIGS
     }
@@ -361,10 +362,10 @@ def test_aot_configs_cover_every_launch():
     ]:
         for total in [1, 2, 3, 5, 16, 64, 65, 200, 256, 257, 1024, 5000]:
             config = mining_kernel.launch_config(total, dtype)
-            warps, stages = config.pop("num_warps"), config.pop("num_stages")
+            warps, stages, maxnreg = config.pop("num_warps"), config.pop("num_stages"), config.pop("maxnreg")
             constexprs = {"ACC": getattr(triton.language, "float64" if acc == "fp64" else "float32"), "UPCAST": False}
             constexprs.update(PRECISION="ieee", **config)
-            assert key(mining_kernel._mine_kernel, constexprs, warps, stages) in listed, (dtype, total)
+            assert key(mining_kernel._mine_kernel, constexprs, warps, stages, maxnreg) in listed, (dtype, total)
         for entries in [1, 2, 9, 33, 1025]:
             for d in [1, 7, 64, 768]:
                 config = loss_kernel.row_config(entries, d)

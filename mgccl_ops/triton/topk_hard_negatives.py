@@ -21,14 +21,15 @@ bitonic merge sorts it again (``packed_sort.py``: ``tl.topk`` / ``tl.bitonic_mer
 pair exchange runs as one NumPy call under the interpreter). Tiles with nothing above the bar cost no sorting.
 
 Sweeps (the path for ``num + skip`` above ``STATE_MAX``). A program's selection holds at most
-``STATE_MAX = 256`` entries per row: at 256 the kernel already uses 255 registers per thread on
-sm_80 (ptxas, 16 rows, 64-key tiles, 8 warps, no spills), so a wider selection cannot stay in
-registers. Larger counts run as ``ceil((num + skip) / 256)`` sweeps over the key bank inside the
-same launch: sweep p keeps only keys whose packed value lies strictly below the smallest one
-selected by sweep p - 1 (exact, since packed values are distinct), so it yields ranks
-[256 p, 256 p + 256). ``num + skip <= 256`` is one sweep, 1024 takes four, and any larger count
-(up to M) works the same way: time grows with the number of sweeps (each recomputes the tile
-products), memory stays O(N * num) and the N x M matrix never exists.
+``STATE_MAX = 128`` entries per row: with 256 the kernel needs more than the 255 registers a
+thread may have on sm_80 (ptxas spilled 48-288 bytes for every dtype, 16 rows, 8 warps), so a
+wider selection cannot stay in registers. Larger counts run as ``ceil((num + skip) / 128)``
+sweeps over the key bank inside the same launch: sweep p keeps only keys whose packed value lies
+strictly below the smallest one selected by sweep p - 1 (exact, since packed values are
+distinct), so it yields ranks [128 p, 128 p + 128). ``num + skip <= 128`` is one sweep, 1024
+takes eight, and any larger count (up to M) works the same way: time grows with the number of
+sweeps (each recomputes the tile products), memory stays O(N * num) and the N x M matrix never
+exists.
 
 fp64 inputs: the similarities are accumulated in fp64 and filtered (``max_sim``, ``margin``) in
 fp64, but ranked by their float32 rounding (the packed key has 32 bits for the score). Keys whose
@@ -57,7 +58,7 @@ BLOCK_N = 16
 INTERPRETER_BLOCK_N = 64
 BLOCK_D = 32
 STATE_MIN = 8
-STATE_MAX = 256
+STATE_MAX = 128
 SENTINEL = tl.constexpr(-(2**63))  # packed value of an excluded key: below every allowed one
 NO_BOUND = tl.constexpr(2**63 - 1)  # first sweep's upper bound: above every allowed packed value
 
@@ -311,6 +312,8 @@ def launch_config(total: int, dtype: torch.dtype, interpreted: bool = False) -> 
         "STATE": state,
         "num_warps": 8 if state >= 128 or dtype == torch.float64 else 4,
         "num_stages": 1,
+        # ptxas otherwise caps 8-warp kernels at 128 registers and spills (fp32, STATE 128).
+        "maxnreg": 255,
     }
 
 
@@ -327,6 +330,7 @@ def _aot_configs() -> list[dict]:
             for log_state in range(STATE_MIN.bit_length() - 1, STATE_MAX.bit_length()):
                 config = launch_config(2**log_state, dtype)
                 num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+                maxnreg = config.pop("maxnreg")
                 signature = {
                     "Q": f"*{name}", "K": f"*{name}", "pos_ptr": "*i64", "q_group_ptr": "*i64",
                     "k_group_ptr": "*i64", "bounds_ptr": f"*{acc}", "idx_ptr": "*i64", "sim_ptr": "*fp32",
@@ -347,6 +351,7 @@ def _aot_configs() -> list[dict]:
                         "constexprs": constexprs,
                         "num_warps": num_warps,
                         "num_stages": num_stages,
+                        "maxnreg": maxnreg,
                     }
                 )
     return configs
