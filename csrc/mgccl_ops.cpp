@@ -23,11 +23,13 @@ TORCH_LIBRARY(mgccl, m) {
       "contrastive_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, Tensor scale, "
       "Tensor row_lse, Tensor col_lse, bool symmetric, bool[3] grad_mask) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
-  // Hard-negative mining (DESIGN.md op 2): per row the `num` allowed keys of largest <q_i, k_j>,
+  // Hard-negative mining (DESIGN.md op 2): per row the allowed keys of largest <q_i, k_j>
+  // (docs/ops.md lists what excludes a key), the first `skip` dropped, the next `num` returned:
   // idx [N, num] int64 and sim [N, num] float32, padded with -1 / -inf. No gradient.
   m.def(
       "topk_hard_negatives(Tensor q, Tensor k, int num, Tensor? pos, Tensor? q_group, "
-      "Tensor? k_group) -> (Tensor idx, Tensor sim)");
+      "Tensor? k_group, bool exclude_self, float? max_sim, float? margin, int skip) -> "
+      "(Tensor idx, Tensor sim)");
   // Hard-negative contrastive loss (DESIGN.md op 3). row_loss [N] holds the unweighted row losses
   // (0 for ignored rows). For "mean"/"sum" the gradients are computed in the same pass when
   // grad_mask asks for them (else empty), as for contrastive_loss.
