@@ -1,0 +1,254 @@
+"""Triton kernel of the pairwise-sigmoid (SigLIP) contrastive loss, forward and backward.
+
+``sigmoid_contrastive_loss(q, k, scale, bias, grad_mask)`` has the argument list and return
+tuple of ``torch.ops.mgccl.sigmoid_contrastive_loss``. With ``z_ij = scale <q_i, k_j> + bias``
+and ``g_ij = sigmoid(z_ij) - [i == j]`` (N times dloss/dz_ij):
+
+- a row pass over query blocks (grid: row blocks x D chunks) recomputes each [BLOCK_A, BLOCK_B]
+  logits tile from the operands, accumulates ``g @ k`` for its D chunk (grad_q, and grad_scale as
+  ``sum_i <q_i, (g k)_i>``) and, on the first D chunk, the loss terms and ``sum_ij g_ij``
+  (grad_bias) per row block;
+- when grad_k is asked for, the same kernel runs with the roles of q and k swapped (the pair
+  (j, i) of the transposed problem has the same logit and the same ``g``).
+
+Only per-block partial sums ([row blocks, D chunks, 3]) are written besides the gradients: the
+N x M logits never exist. Under the interpreter (``TRITON_INTERPRET=1``) 16-bit operands are
+upcast to fp32 before ``tl.dot`` (the interpreter's 16-bit dot is wrong); on the GPU they stay
+in their dtype, and fp32 operands use IEEE (not TF32) products.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_A = 64  # rows of the operand whose gradient is accumulated
+BLOCK_B = 64  # rows of the other operand per logits tile
+BLOCK_K = 32  # reduction chunk of <a_i, b_j>
+NUM_WARPS = 4
+NUM_STAGES = 2
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+@triton.jit
+def _log1p_exp_neg_abs(z):
+    """log(1 + exp(-|z|)), accurate where exp(-|z|) is tiny (log(1 + x) alone rounds it to 0)."""
+    x = tl.exp(-tl.abs(z))
+    return tl.where(x < 1e-4, x * (1.0 - 0.5 * x), tl.log(1.0 + x))
+
+
+@triton.jit
+def _sigmoid_pairs_kernel(
+    a_ptr,
+    b_ptr,
+    params_ptr,
+    grad_ptr,
+    partial_ptr,
+    n_a,
+    n_b,
+    dim,
+    stride_a,
+    stride_b,
+    stride_grad,
+    ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    WANT_SUMS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One [BLOCK_A rows of a] x [BLOCK_D chunk of D] block of ``grad = g @ b``, over all of b.
+
+    params = (scale, bias, 1 / N) in the accumulation dtype. partial[pid_a, pid_d] =
+    (sum_i <a_i, (g b)_i> over the chunk, sum of loss terms, sum of g); the last two only on D
+    chunk 0 when WANT_SUMS. grad rows receive ``scale / N * g @ b`` when WANT_GRAD.
+    """
+    pid_a = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    num_d = tl.num_programs(1)
+    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
+    row_ok = rows < n_a
+    chunk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk_ok = chunk < dim
+    scale = tl.load(params_ptr)
+    bias = tl.load(params_ptr + 1)
+    inv_n = tl.load(params_ptr + 2)
+    grad_acc = tl.zeros((BLOCK_A, BLOCK_D), dtype=ACC)
+    loss_rows = tl.zeros((BLOCK_A,), dtype=ACC)
+    g_rows = tl.zeros((BLOCK_A,), dtype=ACC)
+    for b0 in range(0, n_b, BLOCK_B):
+        cols = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        col_ok = cols < n_b
+        dot = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+        for k0 in range(0, dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < dim
+            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(ACC)
+                b = b.to(ACC)
+            dot += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
+        z = scale * dot + bias
+        positive = rows[:, None] == cols[None, :]
+        inside = row_ok[:, None] & col_ok[None, :]
+        g = tl.where(inside, tl.sigmoid(z) - tl.where(positive, 1.0, 0.0).to(ACC), 0.0)
+        if WANT_SUMS:
+            # -log sigmoid(y z) = max(-y z, 0) + log(1 + exp(-|z|)), y = +1 on positives, else -1.
+            neg_yz = tl.where(positive, -z, z)
+            term = tl.maximum(neg_yz, 0.0) + _log1p_exp_neg_abs(z)
+            loss_rows += tl.sum(tl.where(inside, term, 0.0), axis=1)
+            g_rows += tl.sum(g, axis=1)
+        if WANT_GRAD:
+            b_chunk = tl.load(
+                b_ptr + cols[:, None] * stride_b + chunk[None, :],
+                mask=col_ok[:, None] & chunk_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                grad_acc += tl.dot(g, b_chunk.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+            else:
+                grad_acc += tl.dot(g.to(b_chunk.dtype), b_chunk, input_precision=PRECISION, out_dtype=ACC)
+    out = partial_ptr + (pid_a * num_d + pid_d) * 3
+    if WANT_GRAD:
+        a_chunk = tl.load(
+            a_ptr + rows[:, None] * stride_a + chunk[None, :], mask=row_ok[:, None] & chunk_ok[None, :], other=0.0
+        ).to(ACC)
+        tl.store(out, tl.sum(tl.sum(a_chunk * grad_acc, axis=1), axis=0))
+        grad = (grad_acc * (scale * inv_n)).to(grad_ptr.dtype.element_ty)
+        tl.store(
+            grad_ptr + rows[:, None] * stride_grad + chunk[None, :], grad, mask=row_ok[:, None] & chunk_ok[None, :]
+        )
+    # Every D chunk computed the same sums; chunk 0 writes them (a runtime test nested in a
+    # compile-time one).
+    if WANT_SUMS:  # noqa: SIM102
+        if pid_d == 0:
+            tl.store(out + 1, tl.sum(loss_rows, axis=0))
+            tl.store(out + 2, tl.sum(g_rows, axis=0))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_d(dim: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(max(dim, 1))))
+
+
+def _launch(a, b, params, grad, want_grad: bool, want_sums: bool) -> torch.Tensor:
+    """Runs the pair kernel for the rows of ``a`` against all of ``b``; returns partial [A, Dc, 3]."""
+    block_d = _block_d(a.shape[1])
+    grid = (triton.cdiv(a.shape[0], BLOCK_A), max(1, triton.cdiv(a.shape[1], block_d)) if want_grad else 1)
+    partial = torch.zeros(*grid, 3, dtype=params.dtype, device=a.device)
+    _sigmoid_pairs_kernel[grid](
+        a,
+        b,
+        params,
+        grad,
+        partial,
+        a.shape[0],
+        b.shape[0],
+        a.shape[1],
+        a.stride(0),
+        b.stride(0),
+        grad.stride(0),
+        ACC=tl.float64 if params.dtype == torch.float64 else tl.float32,
+        BLOCK_A=BLOCK_A,
+        BLOCK_B=BLOCK_B,
+        BLOCK_K=BLOCK_K,
+        BLOCK_D=block_d,
+        WANT_GRAD=want_grad,
+        WANT_SUMS=want_sums,
+        UPCAST=_interpreting() and a.dtype in (torch.float16, torch.bfloat16),
+        PRECISION="ieee" if a.dtype in (torch.float32, torch.float64) else "tf32",
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
+    return partial
+
+
+def sigmoid_contrastive_loss(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, grad_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schema of ``torch.ops.mgccl.sigmoid_contrastive_loss``: q [N, D], k [M, D], 0-dim
+    scale and bias -> (loss [], grad_q [N, D] | [0], grad_k [M, D] | [0], grad_scale [] | [0],
+    grad_bias [] | [0]), the gradients of the loss where grad_mask asks for them."""
+    for name, value in (("scale", scale), ("bias", bias)):
+        if not torch.isfinite(value).item():
+            raise RuntimeError(f"sigmoid_contrastive_loss: {name} should be finite, got {value.item()}")
+    want_q, want_k, want_scale, want_bias = grad_mask
+    n, m = q.shape[0], k.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_c, k_c = q.contiguous(), k.contiguous()
+    inv_n = torch.full((), 1.0 / n if n > 0 else 0.0, dtype=acc, device=q.device)
+    params = torch.stack([scale.detach().to(acc), bias.detach().to(acc), inv_n])
+    grad_q = torch.zeros_like(q_c) if want_q else q.new_empty(0)
+    grad_k = torch.zeros_like(k_c) if want_k else q.new_empty(0)
+    loss = torch.zeros((), dtype=acc, device=q.device)
+    grad_scale = torch.zeros((), dtype=scale.dtype, device=q.device)
+    grad_bias = torch.zeros((), dtype=bias.dtype, device=q.device)
+    if n > 0 and m > 0:
+        # grad_scale needs g @ k even when grad_q is not asked for: then into a scratch buffer.
+        rows_grad = grad_q if want_q else (torch.empty_like(q_c) if want_scale else q_c)
+        partial = _launch(q_c, k_c, params, rows_grad, want_q or want_scale, True)
+        loss = partial[..., 1].sum() * inv_n
+        grad_scale = (partial[..., 0].sum() * inv_n).to(scale.dtype)
+        grad_bias = (partial[..., 2].sum() * inv_n).to(bias.dtype)
+        if want_k:
+            _launch(k_c, q_c, params, grad_k, True, False)
+    return (
+        loss,
+        grad_q,
+        grad_k,
+        grad_scale if want_scale else scale.new_empty(0),
+        grad_bias if want_bias else bias.new_empty(0),
+    )
+
+
+def _aot_config(dtype: str, block_d: int, want_grad: bool, want_sums: bool, upcast: bool = False) -> dict:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    return {
+        "kernel": _sigmoid_pairs_kernel,
+        "signature": {
+            "a_ptr": f"*{dtype}",
+            "b_ptr": f"*{dtype}",
+            "params_ptr": f"*{acc}",
+            "grad_ptr": f"*{dtype}",
+            "partial_ptr": f"*{acc}",
+            "n_a": "i32",
+            "n_b": "i32",
+            "dim": "i32",
+            "stride_a": "i32",
+            "stride_b": "i32",
+            "stride_grad": "i32",
+        },
+        "constexprs": {
+            "ACC": tl.float64 if acc == "fp64" else tl.float32,
+            "BLOCK_A": BLOCK_A,
+            "BLOCK_B": BLOCK_B,
+            "BLOCK_K": BLOCK_K,
+            "BLOCK_D": block_d,
+            "WANT_GRAD": want_grad,
+            "WANT_SUMS": want_sums,
+            "UPCAST": upcast,
+            "PRECISION": "ieee" if dtype in ("fp32", "fp64") else "tf32",
+        },
+        "num_warps": NUM_WARPS,
+        "num_stages": NUM_STAGES,
+    }
+
+
+# Every configuration the launcher can pick on a GPU: dtype x BLOCK_D (16..128) x the three
+# (WANT_GRAD, WANT_SUMS) passes it runs (loss only, loss + grad, grad only).
+AOT_CONFIGS = [
+    _aot_config(dtype, block_d, want_grad, want_sums)
+    for dtype in ("fp32", "fp16", "bf16")
+    for block_d in (16, 32, 64, 128)
+    for want_grad, want_sums in ((False, True), (True, True), (True, False))
+]
