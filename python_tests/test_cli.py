@@ -99,3 +99,18 @@ def test_training_step_benchmark_writes_its_report(tmp_path):
     assert [r["provider"] for r in rows] == ["mgccl (K=2, checkpointing on)", "pytorch (K=2, checkpointing on)"]
     assert all(r["peak_mem_mib"] is not None and r["time_ms"]["median"] > 0 for r in rows)
     assert (tmp_path / "out" / "training_step.png").is_file()
+
+
+def test_version_names_the_package_and_its_torch(capsys):
+    import torch
+
+    import mgccl_ops
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    info = mgccl_ops.build_info()
+    assert printed.startswith(f"mgccl_ops {mgccl_ops.__version__} (built for torch {info['torch_version']}, ")
+    assert ("CPU only" in printed) != info["with_cuda"]
+    assert printed.endswith(f"; running torch {torch.__version__})")

@@ -1,4 +1,4 @@
-"""Hard-negative mining and hard-negative loss (DESIGN.md ops 2 and 3): typed wrappers, fake
+"""Hard-negative mining and hard-negative loss (docs/ops.md): typed wrappers, fake
 impls, autograd.
 
 ``torch.ops.mgccl.topk_hard_negatives`` selects per row the most similar allowed keys without
