@@ -12,21 +12,16 @@ import math
 import torch
 
 from mgccl_ops.ops import _checks
-from mgccl_ops.ops.contrastive import accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "sigmoid_contrastive_loss"
 
 
 def check_inputs(q, k, scale, bias) -> None:
     """Metadata checks shared by the wrapper and the fake impl (finiteness is checked in kernels)."""
-    _checks.check_dim(OP, "q", q, 2, "[N, D]")
-    _checks.check_dim(OP, "k", k, 2, "[M, D]")
-    _checks.check_float(OP, "q", q)
-    _checks.check_same_dtype(OP, "k", k, "q", q)
-    _checks.check_size(OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
-    _checks.check_same_device(OP, "k", k, q)
-    _checks.check_same_device(OP, "scale", scale, q)
-    _checks.check_same_device(OP, "bias", bias, q)
+    _checks.check_query_key_pair(OP, q, k)
+    _checks.check_same_device(OP, "scale", scale, "q", q)
+    _checks.check_same_device(OP, "bias", bias, "q", q)
 
 
 def scalar_tensor(name: str, value: float | torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mgccl_ops.ops._dtypes import accumulation_dtype
+
 
 def sigmoid_contrastive_loss(
     q: torch.Tensor,
@@ -19,7 +21,7 @@ def sigmoid_contrastive_loss(
     (open_clip's ``SigLipLoss`` normalisation); 0 when N == 0. Float32 (float64 for float64
     inputs).
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     logits = scale * (q.to(acc) @ k.to(acc).T) + bias  # [N, M]
     labels = -torch.ones(n, m, dtype=acc, device=q.device)
