@@ -101,4 +101,4 @@ def test_aot_configs_cover_every_launch(kernel_module):
     block_ds = {c["constexprs"]["BLOCK_D"] for c in configs}
     assert {kernel_module._block_d(d) for d in (1, 17, 40, 64, 100, 512, 1024)} <= block_ds
     for config in configs:
-        assert set(config["signature"]) | set(config["constexprs"]) >= {"a_ptr", "b_ptr", "params_ptr", "BLOCK_D"}
+        assert set(config["signature"]) | set(config["constexprs"]) >= {"Q", "K", "params_ptr", "BLOCK_D"}

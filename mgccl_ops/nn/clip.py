@@ -89,8 +89,13 @@ class ClipLoss(nn.Module):
         if self.gather_with_grad:
             all_image = gather_rows_with_grad(ring, image, sizes)
             all_text = gather_rows_with_grad(ring, text, sizes)
+        elif self.local_loss:
+            # As open_clip: the gathered features are constants; gradients reach the local
+            # features only through their own side of the loss.
+            all_image = all_gather_rows(ring, image.detach(), sizes)
+            all_text = all_gather_rows(ring, text.detach(), sizes)
         else:
-            # The other ranks' rows as constants, this rank's own rows with their gradient.
+            # As open_clip: the other ranks' rows as constants, this rank's own with gradient.
             def gathered(x):
                 rows = all_gather_rows(ring, x.detach(), sizes)
                 return torch.cat([rows[:offset], x, rows[offset + x.shape[0] :]])

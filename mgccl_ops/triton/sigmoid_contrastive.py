@@ -42,16 +42,16 @@ def _log1p_exp_neg_abs(z):
 
 @triton.jit
 def _sigmoid_pairs_kernel(
-    a_ptr,
-    b_ptr,
+    Q,
+    K,
     params_ptr,
     grad_ptr,
     partial_ptr,
-    n_a,
-    n_b,
-    dim,
-    stride_a,
-    stride_b,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
     stride_grad,
     ACC: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -63,34 +63,37 @@ def _sigmoid_pairs_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One [BLOCK_A rows of a] x [BLOCK_D chunk of D] block of ``grad = g @ b``, over all of b.
+    """One [BLOCK_A rows of Q] x [BLOCK_D chunk of D] block of ``grad = g @ K``, over all of K.
 
-    params = (scale, bias, 1 / N) in the accumulation dtype. partial[pid_a, pid_d] =
-    (sum_i <a_i, (g b)_i> over the chunk, sum of loss terms, sum of g); the last two only on D
-    chunk 0 when WANT_SUMS. grad rows receive ``scale / N * g @ b`` when WANT_GRAD.
+    Q [N, D] is the operand whose gradient is accumulated (the queries, or the keys in the
+    grad_k pass) and K [M, D] the other; the positives are the pairs with equal row indices.
+
+    params = (scale, bias, 1 / number of queries) in the accumulation dtype. partial[pid_a, pid_d]
+    = (sum_i <Q_i, (g K)_i> over the chunk, sum of loss terms, sum of g); the last two only on D
+    chunk 0 when WANT_SUMS. grad rows receive ``scale / (number of queries) * g @ K`` when WANT_GRAD.
     """
     pid_a = tl.program_id(0)
     pid_d = tl.program_id(1)
     num_d = tl.num_programs(1)
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
-    row_ok = rows < n_a
+    row_ok = rows < N
     chunk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    chunk_ok = chunk < dim
+    chunk_ok = chunk < D
     scale = tl.load(params_ptr)
     bias = tl.load(params_ptr + 1)
     inv_n = tl.load(params_ptr + 2)
     grad_acc = tl.zeros((BLOCK_A, BLOCK_D), dtype=ACC)
     loss_rows = tl.zeros((BLOCK_A,), dtype=ACC)
     g_rows = tl.zeros((BLOCK_A,), dtype=ACC)
-    for b0 in range(0, n_b, BLOCK_B):
+    for b0 in range(0, M, BLOCK_B):
         cols = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        col_ok = cols < n_b
+        col_ok = cols < M
         dot = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
-        for k0 in range(0, dim, BLOCK_K):
+        for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < dim
-            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            k_ok = ks < D
+            a = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(K + cols[:, None] * stride_k + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(ACC)
                 b = b.to(ACC)
@@ -107,7 +110,7 @@ def _sigmoid_pairs_kernel(
             g_rows += tl.sum(g, axis=1)
         if WANT_GRAD:
             b_chunk = tl.load(
-                b_ptr + cols[:, None] * stride_b + chunk[None, :],
+                K + cols[:, None] * stride_k + chunk[None, :],
                 mask=col_ok[:, None] & chunk_ok[None, :],
                 other=0.0,
             )
@@ -118,7 +121,7 @@ def _sigmoid_pairs_kernel(
     out = partial_ptr + (pid_a * num_d + pid_d) * 3
     if WANT_GRAD:
         a_chunk = tl.load(
-            a_ptr + rows[:, None] * stride_a + chunk[None, :], mask=row_ok[:, None] & chunk_ok[None, :], other=0.0
+            Q + rows[:, None] * stride_q + chunk[None, :], mask=row_ok[:, None] & chunk_ok[None, :], other=0.0
         ).to(ACC)
         tl.store(out, tl.sum(tl.sum(a_chunk * grad_acc, axis=1), axis=0))
         grad = (grad_acc * (scale * inv_n)).to(grad_ptr.dtype.element_ty)
@@ -216,16 +219,16 @@ def _aot_config(dtype: str, block_d: int, want_grad: bool, want_sums: bool, upca
     return {
         "kernel": _sigmoid_pairs_kernel,
         "signature": {
-            "a_ptr": f"*{dtype}",
-            "b_ptr": f"*{dtype}",
+            "Q": f"*{dtype}",
+            "K": f"*{dtype}",
             "params_ptr": f"*{acc}",
             "grad_ptr": f"*{dtype}",
             "partial_ptr": f"*{acc}",
-            "n_a": "i32",
-            "n_b": "i32",
-            "dim": "i32",
-            "stride_a": "i32",
-            "stride_b": "i32",
+            "N": "i32",
+            "M": "i32",
+            "D": "i32",
+            "stride_q": "i32",
+            "stride_k": "i32",
             "stride_grad": "i32",
         },
         "constexprs": {
