@@ -14,7 +14,9 @@ and ``g_ij = sigmoid(z_ij) - [i == j]`` (N times dloss/dz_ij):
 Only per-block partial sums ([row blocks, D chunks, 3]) are written besides the gradients: the
 N x M logits never exist. Under the interpreter (``TRITON_INTERPRET=1``) 16-bit operands are
 upcast to fp32 before ``tl.dot`` (the interpreter's 16-bit dot is wrong); on the GPU they stay
-in their dtype, and fp32 operands use IEEE (not TF32) products.
+in their dtype, and fp32 operands use IEEE (not TF32) products. ``AOT_CONFIGS`` lists every
+configuration the launcher can pick (33); each compiles for sm_80 and sm_90 without register
+spills (``scripts/check_triton_aot.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_A = 64  # rows of the operand whose gradient is accumulated
-BLOCK_B = 64  # rows of the other operand per logits tile
-BLOCK_K = 32  # reduction chunk of <a_i, b_j>
-NUM_WARPS = 4
-NUM_STAGES = 2
+# Per input dtype: (BLOCK_A rows of the operand whose gradient is accumulated, BLOCK_B rows of
+# the other per logits tile, BLOCK_K reduction chunk, largest BLOCK_D gradient chunk, num_warps,
+# num_stages); chosen so that no configuration spills registers on sm_80 or sm_90.
+LAUNCH = {
+    torch.float16: (64, 64, 32, 128, 8, 2),
+    torch.bfloat16: (64, 64, 32, 128, 8, 2),
+    torch.float32: (64, 32, 16, 64, 4, 1),
+    torch.float64: (32, 32, 16, 32, 4, 1),
+}
+# ptxas's own register target caps some configurations at 128 registers and spills; a thread
+# may use 255 without spilling at these warp counts.
+MAXNREG = 255
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -140,14 +149,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_d(dim: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(max(dim, 1))))
+def _block_d(dim: int, dtype: torch.dtype) -> int:
+    """The D chunk of one program's gradient block: the next power of two of D, in [16, max]."""
+    return min(LAUNCH[dtype][3], max(16, triton.next_power_of_2(max(dim, 1))))
 
 
 def _launch(a, b, params, grad, want_grad: bool, want_sums: bool) -> torch.Tensor:
     """Runs the pair kernel for the rows of ``a`` against all of ``b``; returns partial [A, Dc, 3]."""
-    block_d = _block_d(a.shape[1])
-    grid = (triton.cdiv(a.shape[0], BLOCK_A), max(1, triton.cdiv(a.shape[1], block_d)) if want_grad else 1)
+    block_a, block_b, block_k, _, num_warps, num_stages = LAUNCH[a.dtype]
+    block_d = _block_d(a.shape[1], a.dtype)
+    grid = (triton.cdiv(a.shape[0], block_a), max(1, triton.cdiv(a.shape[1], block_d)) if want_grad else 1)
     partial = torch.zeros(*grid, 3, dtype=params.dtype, device=a.device)
     _sigmoid_pairs_kernel[grid](
         a,
@@ -162,16 +173,17 @@ def _launch(a, b, params, grad, want_grad: bool, want_sums: bool) -> torch.Tenso
         b.stride(0),
         grad.stride(0),
         ACC=tl.float64 if params.dtype == torch.float64 else tl.float32,
-        BLOCK_A=BLOCK_A,
-        BLOCK_B=BLOCK_B,
-        BLOCK_K=BLOCK_K,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
         BLOCK_D=block_d,
         WANT_GRAD=want_grad,
         WANT_SUMS=want_sums,
         UPCAST=_interpreting() and a.dtype in (torch.float16, torch.bfloat16),
         PRECISION="ieee" if a.dtype in (torch.float32, torch.float64) else "tf32",
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        maxnreg=MAXNREG,
     )
     return partial
 
@@ -214,15 +226,16 @@ def sigmoid_contrastive_loss(
     )
 
 
-def _aot_config(dtype: str, block_d: int, want_grad: bool, want_sums: bool, upcast: bool = False) -> dict:
-    acc = "fp64" if dtype == "fp64" else "fp32"
+def _aot_config(dtype: torch.dtype, block_d: int, want_grad: bool, want_sums: bool) -> dict:
+    block_a, block_b, block_k, _, num_warps, num_stages = LAUNCH[dtype]
+    name, acc = DTYPES[dtype], "fp64" if dtype == torch.float64 else "fp32"
     return {
         "kernel": _sigmoid_pairs_kernel,
         "signature": {
-            "Q": f"*{dtype}",
-            "K": f"*{dtype}",
+            "Q": f"*{name}",
+            "K": f"*{name}",
             "params_ptr": f"*{acc}",
-            "grad_ptr": f"*{dtype}",
+            "grad_ptr": f"*{name}",
             "partial_ptr": f"*{acc}",
             "N": "i32",
             "M": "i32",
@@ -232,26 +245,28 @@ def _aot_config(dtype: str, block_d: int, want_grad: bool, want_sums: bool, upca
             "stride_grad": "i32",
         },
         "constexprs": {
-            "ACC": tl.float64 if acc == "fp64" else tl.float32,
-            "BLOCK_A": BLOCK_A,
-            "BLOCK_B": BLOCK_B,
-            "BLOCK_K": BLOCK_K,
+            "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+            "BLOCK_A": block_a,
+            "BLOCK_B": block_b,
+            "BLOCK_K": block_k,
             "BLOCK_D": block_d,
             "WANT_GRAD": want_grad,
             "WANT_SUMS": want_sums,
-            "UPCAST": upcast,
-            "PRECISION": "ieee" if dtype in ("fp32", "fp64") else "tf32",
+            "UPCAST": False,  # True only under the interpreter, which never compiles
+            "PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         },
-        "num_warps": NUM_WARPS,
-        "num_stages": NUM_STAGES,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "maxnreg": MAXNREG,
     }
 
 
-# Every configuration the launcher can pick on a GPU: dtype x BLOCK_D (16..128) x the three
-# (WANT_GRAD, WANT_SUMS) passes it runs (loss only, loss + grad, grad only).
+# Every configuration the launcher can pick on a GPU: dtype x BLOCK_D (16 up to the dtype's
+# largest) x the three passes it runs: loss only, loss + gradient, gradient only (grad_k).
 AOT_CONFIGS = [
     _aot_config(dtype, block_d, want_grad, want_sums)
-    for dtype in ("fp32", "fp16", "bf16")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
     for block_d in (16, 32, 64, 128)
+    if block_d <= LAUNCH[dtype][3]
     for want_grad, want_sums in ((False, True), (True, True), (True, False))
 ]
