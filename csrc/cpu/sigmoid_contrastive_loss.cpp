@@ -142,14 +142,7 @@ void column_sweep(const at::Tensor& q_acc, const at::Tensor& k_acc, acc_t scale,
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                   const at::Tensor& bias) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_same_device(kOp, "k", k, q);
+  check_queries_and_keys(kOp, q, k);
   for (const auto& [name, t] : {std::pair{"scale", &scale}, std::pair{"bias", &bias}}) {
     TORCH_CHECK(t->dim() == 0, kOp, ": ", name, " should be a 0-dim tensor, got shape ",
                 shape_string(*t));

@@ -214,14 +214,7 @@ void mine(const at::Tensor& q, const at::Tensor& k_acc, const std::optional<at::
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t num,
                   const std::optional<at::Tensor>& pos, const std::optional<at::Tensor>& q_group,
                   const std::optional<at::Tensor>& k_group, const Options& options) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_same_device(kOp, "k", k, q);
+  check_queries_and_keys(kOp, q, k);
   const int64_t n = q.size(0), m = k.size(0);
   TORCH_CHECK(num >= 0 && num <= m, kOp, ": num should lie in [0, M = ", m, "], got ", num);
   TORCH_CHECK(options.skip >= 0, kOp, ": skip should be >= 0, got ", options.skip);
@@ -234,24 +227,15 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t num,
   TORCH_CHECK(!options.margin.has_value() || pos.has_value(), kOp,
               ": margin needs pos (the similarity it is measured from), got pos=None");
   if (pos.has_value()) {
-    check_dim(kOp, "pos", *pos, 1);
-    check_index_dtype(kOp, "pos", *pos);
-    check_size(kOp, "pos", *pos, 0, n, "q.shape[0]");
-    check_same_device(kOp, "pos", *pos, q);
+    check_row_index(kOp, "pos", *pos, q, n, "q.shape[0]");
     check_index_range(kOp, "pos", *pos, -1, m);
   }
   TORCH_CHECK(q_group.has_value() == k_group.has_value(), kOp,
               ": q_group and k_group should be given together, got only ",
               q_group.has_value() ? "q_group" : "k_group");
   if (q_group.has_value()) {
-    check_dim(kOp, "q_group", *q_group, 1);
-    check_dim(kOp, "k_group", *k_group, 1);
-    check_index_dtype(kOp, "q_group", *q_group);
-    check_index_dtype(kOp, "k_group", *k_group);
-    check_size(kOp, "q_group", *q_group, 0, n, "q.shape[0]");
-    check_size(kOp, "k_group", *k_group, 0, m, "k.shape[0]");
-    check_same_device(kOp, "q_group", *q_group, q);
-    check_same_device(kOp, "k_group", *k_group, q);
+    check_row_index(kOp, "q_group", *q_group, q, n, "q.shape[0]");
+    check_row_index(kOp, "k_group", *k_group, q, m, "k.shape[0]");
   }
 }
 

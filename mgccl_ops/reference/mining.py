@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mgccl_ops.ops._dtypes import accumulation_dtype
-from mgccl_ops.reference.contrastive import reduce_rows
+from mgccl_ops.reference.contrastive import check_finite_scale, reduce_rows, row_weights
 
 
 def allowed_keys(
@@ -103,9 +103,10 @@ def hard_negative_loss(
     Row i's softmax runs over its positive logit and one logit per listed negative (a key
     listed twice counts twice); reduced like :func:`contrastive_loss`.
     """
+    check_finite_scale("hard_negative_loss", scale)
     acc = accumulation_dtype(q.dtype)
     valid = pos >= 0
-    w = valid.to(acc) if weight is None else weight.to(acc) * valid
+    w = row_weights(weight, pos, acc)
     qa, ka = q.to(acc), k.to(acc)
     if k.shape[0] == 0:
         zero = qa.sum(1) * 0 + (scale * 0 if isinstance(scale, torch.Tensor) else 0)
