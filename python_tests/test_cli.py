@@ -146,3 +146,16 @@ def test_eval_refuses_rgb_masks_and_missing_splits(tmp_path, small_checkpoint):
     Image.new("RGB", (16, 12), (15, 15, 15)).save(tmp_path / "SegmentationClass" / "img0.png")
     with pytest.raises(SystemExit, match="mgccl eval: mask .*img0.png is a 'RGB' image"):
         main(base)  # was: channel 0 kept
+
+
+def test_version_names_the_package_and_its_torch(capsys):
+    import mgccl_ops
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    info = mgccl_ops.build_info()
+    assert printed.startswith(f"mgccl_ops {mgccl_ops.__version__} (built for torch {info['torch_version']}, ")
+    assert ("CPU only" in printed) != info["with_cuda"]
+    assert printed.endswith(f"; running torch {torch.__version__})")

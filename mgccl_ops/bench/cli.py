@@ -12,6 +12,7 @@ BENCHMARKS = {
     "hard_negatives": "mgccl_ops.bench.hard_negatives",
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
+    "sigmoid_contrastive": "mgccl_ops.bench.sigmoid_contrastive",
     "training_step": "mgccl_ops.bench.training_step",
 }
 

@@ -38,6 +38,7 @@ KERNELS = {
     "topk_hard_negatives": "mgccl_ops.triton.topk_hard_negatives:topk_hard_negatives",
     "hard_negative_loss": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss",
     "hard_negative_loss_backward": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss_backward",
+    "sigmoid_contrastive_loss": "mgccl_ops.triton.sigmoid_contrastive:sigmoid_contrastive_loss",
 }
 
 PROVIDERS = ("triton", "cuda")
