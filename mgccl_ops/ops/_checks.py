@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mgccl_ops.ops.autocast import dtypes_unified_by_autocast
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -40,7 +42,8 @@ def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
 
 
 def check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if tensor.dtype != ref.dtype:
+    """Equal dtypes, or two that autocast (on for ``ref``'s device) casts to its one dtype."""
+    if tensor.dtype != ref.dtype and not dtypes_unified_by_autocast(ref, tensor):
         raise ValueError(
             f"{op}: {name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; "
             "all inputs of one call must share a dtype"

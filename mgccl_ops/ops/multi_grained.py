@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, autocast
 from mgccl_ops.ops.contrastive import accumulation_dtype
 from mgccl_ops.ops.hard_negatives import (
     hard_negative_loss_with_rows,
@@ -118,6 +118,10 @@ def multi_grained_loss(
         float64 inputs). Gradients reach every ``q_l``, ``k`` and a tensor ``scale``.
     """
     parsed = parse_levels(levels, k, k_group)
+    # Under autocast the ops' rule (q and k in the autocast dtype), applied here already so that
+    # the per-level sums below see the values the kernels see.
+    k, *level_qs = autocast.cast_for_autocast(k, *(level.q for level in parsed))
+    parsed = [level._replace(q=q_level) for level, q_level in zip(parsed, level_qs)]
     if hard_negatives is not None and (
         isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
     ):
