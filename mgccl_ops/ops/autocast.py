@@ -77,9 +77,7 @@ def dtypes_unified_by_autocast(a: torch.Tensor, b: torch.Tensor) -> bool:
     The wrappers' same-dtype check accepts such a pair (say bf16 features from an autocast
     matmul against a float32 key bank): the autocast kernel casts both before the kernel runs.
     """
-    return (
-        autocast_dtype(a.device.type) is not None and a.dtype in CASTABLE_DTYPES and b.dtype in CASTABLE_DTYPES
-    )
+    return autocast_dtype(a.device.type) is not None and a.dtype in CASTABLE_DTYPES and b.dtype in CASTABLE_DTYPES
 
 
 def _autocast_kernel(op: torch._ops.OpOverload, device_type: str, cast_names: tuple[str, ...]):

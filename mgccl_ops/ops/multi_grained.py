@@ -100,6 +100,9 @@ def multi_grained_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of per-level contrastive losses against one shared key bank, in one pass.
 
+    Autocast (CPU, CUDA): every ``q_l`` and ``k`` are cast to the autocast dtype first; see
+    docs/ops.md.
+
     Args:
         levels: a sequence of ``(q_l [N_l, D], pos_l [N_l] int64, weight_l)`` or
             ``(q_l, pos_l, weight_l, q_group_l [N_l] int64)``; ``pos_l = -1`` ignores a row,
