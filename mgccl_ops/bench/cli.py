@@ -12,6 +12,9 @@ BENCHMARKS = {
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
     "training_step": "mgccl_ops.bench.training_step",
+    "gpu_contrastive": "mgccl_ops.bench.gpu_contrastive",
+    "gpu_mining": "mgccl_ops.bench.gpu_mining",
+    "gpu_multi_grained": "mgccl_ops.bench.gpu_multi_grained",
 }
 
 
