@@ -178,8 +178,9 @@ def summary(out_dir: Path, dry_run: bool) -> int:
         f"# mgccl_ops GPU check ({result['mode']}): {'passed' if result['passed'] else 'FAILED'}",
         "",
         f"GPU {env.get('gpu')} (capability {env.get('capability')}, {env.get('gpu_memory_gib')} GiB); "
-        f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
-        f"triton {env.get('triton')}, {env.get('nvcc')}.",
+        f"Python {env.get('python')}, {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+        f"{env.get('triton')}, nvcc: {env.get('nvcc')}; peers: {env.get('faiss')}, {env.get('inf_cl')}, "
+        f"{env.get('open_clip')}, {env.get('cupy')}.",
         "",
         "| step | exit | seconds | timeout s |",
         "|---|---|---|---|",

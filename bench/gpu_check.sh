@@ -114,7 +114,7 @@ step build "$build_cap" 150 env PYTHONPATH="$peers${PYTHONPATH:+:$PYTHONPATH}" M
   step unpack 60 140 bash -c "${pip[*]@Q} install --no-deps --no-index --target '$site' '$out_dir'/wheel/*.whl"
 
 # 4. The built package imports against this torch, from outside the checkout, with its build facts.
-step import 60 140 env PYTHONPATH="$py_path" "$python" -c "
+step import 60 140 env -C "$out_dir" PYTHONPATH="$py_path" "$python" -c "
 import json, sys, mgccl_ops
 from mgccl_ops.ops import devices
 assert mgccl_ops.__file__.startswith('$site'), mgccl_ops.__file__
