@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "auto_threshold_rule.h"
 #include "average_linkage.h"
 #include "checks.h"
 #include "order_statistic.h"
@@ -24,11 +25,6 @@
 
 namespace mgccl {
 namespace {
-
-// The automatic threshold is median(s) - kAutoMadFactor * kMadToSigma * MAD(s) over the image's
-// edge similarities s (see mgccl_ops/ops/region_merge.py for the rule and how it was chosen).
-constexpr double kAutoMadFactor = 1.0;
-constexpr double kMadToSigma = 1.4826;
 
 Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {
   check_dim(op, "feat", feat, 4);
