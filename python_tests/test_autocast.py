@@ -197,6 +197,13 @@ def test_every_mgccl_op_has_an_autocast_kernel_for_cpu_and_cuda():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mgccl::{name}", key), (name, key)
 
 
+def test_every_cast_argument_is_an_argument_of_its_operator():
+    for name in autocast.namespace_ops():
+        arguments = [a.name for a in getattr(torch.ops.mgccl, name).default._schema.arguments]
+        missing = [a for a in autocast.cast_argument_names(name) if a not in arguments]
+        assert not missing, f"mgccl::{name} has no argument {missing}: update CAST_TO_AUTOCAST_DTYPE"
+
+
 def test_autocast_rule_under_torch_compile_matches_eager():
     q, k = unit_rows(16, 8, 19), unit_rows(16, 8, 20)
     pos = torch.arange(16)

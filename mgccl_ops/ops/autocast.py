@@ -83,7 +83,9 @@ def dtypes_unified_by_autocast(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _autocast_kernel(op: torch._ops.OpOverload, device_type: str, cast_names: tuple[str, ...]):
     key = getattr(torch._C.DispatchKey, AUTOCAST_KEYS[device_type])
     names = [a.name for a in op._schema.arguments]
-    positions = {names.index(name) for name in cast_names}
+    # (A listed name missing from the schema is caught by python_tests/test_autocast.py, not here:
+    # a failure at import would take the whole package down.)
+    positions = {names.index(name) for name in cast_names if name in names}
 
     def kernel(*args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
