@@ -85,6 +85,8 @@ class AverageLinkage {
 
   void offer(int32_t r, int32_t neighbour, acc_t s) {
     const int32_t current = best_[r];
+    // A NaN similarity (a non-finite feature) is never picked, as no threshold admits it.
+    if (std::isnan(s)) return;
     if (current < 0 || s > best_sim_[r] || (s == best_sim_[r] && neighbour < current)) {
       best_[r] = neighbour;
       best_sim_[r] = s;

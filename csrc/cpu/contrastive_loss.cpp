@@ -12,7 +12,6 @@
 #include <cmath>
 
 #include "checks.h"
-#include "contrastive_checks.h"
 
 namespace mgccl {
 namespace {
@@ -29,8 +28,7 @@ int64_t rows_per_tile(int64_t n, int64_t m, at::ScalarType acc) {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                   const at::Tensor& scale, bool symmetric) {
   check_contrastive_metadata(q, k, pos, scale, symmetric);
-  const double s = scale.item<double>();
-  TORCH_CHECK(std::isfinite(s), kOp, ": scale should be finite, got ", s);
+  finite_scale(kOp, scale);
   if (symmetric) {
     check_index_range(kOp, "pos", pos, 0, k.size(0));
     TORCH_CHECK(pos.numel() == 0 || std::get<0>(at::_unique(pos)).numel() == pos.numel(), kOp,
@@ -139,21 +137,15 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(q_in, k, pos_in, scale_t, symmetric);
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
-              ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
+  check_reduction(kOp, reduction);
+  check_weight(kOp, weight, q_in);
   const at::Tensor q = q_in.contiguous();
   const int64_t n = q.size(0), m = k.size(0);
   const Prepared p = prepare(q, k, pos_in, scale_t);
   const auto acc_opts = q.options().dtype(p.acc);
 
   const at::Tensor valid = p.pos.ge(0).to(p.acc);
-  at::Tensor w = valid;
-  if (weight.has_value()) {
-    check_dim(kOp, "weight", *weight, 1);
-    check_size(kOp, "weight", *weight, 0, n, "q.shape[0]");
-    check_same_device(kOp, "weight", *weight, q);
-    w = weight->to(p.acc) * valid;
-  }
+  const at::Tensor w = row_weights(weight, p.pos, p.acc);
 
   // Sweep 1: per-row log-sum-exp and positive logit; per-column online log-sum-exp.
   at::Tensor row_lse = at::zeros({n}, acc_opts);
@@ -162,8 +154,8 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   at::Tensor col_sum = at::zeros({symmetric ? m : 0}, acc_opts);
   const bool fuse_gradients =
       reduction != "none" && !symmetric && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-  const double total_weight = reduction == "mean" ? w.sum().item<double>() : 1.0;
-  const at::Tensor c_rows = total_weight == 0.0 ? at::zeros_like(w) : w / total_weight;
+  bool zero_mean = false;
+  const at::Tensor c_rows = row_coefficients(w, p.pos, reduction, &zero_mean);
   GradientSink sink(q, k, p.acc, p.scale,
                     fuse_gradients ? grad_mask : std::array<bool, 3>{false, false, false});
 
@@ -208,8 +200,8 @@ contrastive_loss_cpu(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   if (reduction == "none") {
     loss = weight.has_value() ? row_loss * w : row_loss;
   } else {
-    loss = (row_loss * c_rows).sum();
-    if (reduction == "sum") loss = (row_loss * w).sum();
+    // A mean over a total weight of exactly 0 is 0, even where a row loss is not finite.
+    loss = zero_mean ? at::zeros({}, acc_opts) : (row_loss * c_rows).sum();
     if (fuse_gradients) {
       std::tie(gq, gk, gs) = sink.finish(q, scale_t);
     } else if (grad_mask[0] || grad_mask[1] || grad_mask[2]) {
@@ -230,7 +222,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cpu(
   check_size("contrastive_loss_backward", "row_grad", row_grad, 0, q_in.size(0), "q.shape[0]");
   const at::Tensor q = q_in.contiguous();
   const Prepared p = prepare(q, k, pos, scale_t);
-  const at::Tensor c_rows = row_grad.to(p.acc) * p.pos.ge(0).to(p.acc);
+  // Ignored rows take no gradient, whatever row_grad holds there (a NaN weight included).
+  const at::Tensor c_rows =
+      at::where(p.pos.ge(0), row_grad.to(p.acc), at::zeros({}, q.options().dtype(p.acc)));
   return gradient_sweep(q, k, p, scale_t, c_rows, row_lse.to(p.acc), col_lse.to(p.acc), symmetric,
                         grad_mask);
 }

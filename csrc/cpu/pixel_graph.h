@@ -53,11 +53,12 @@ struct Grid {
 // Pixels are normalised as x / max(|x|, eps), like torch.nn.functional.normalize.
 constexpr double kNormEps = 1e-12;
 
-// Cosine similarity from a dot product and two norms, clamped to [-1, 1]; 0 when a norm is 0.
+// Cosine similarity from a dot product and two norms, clamped to [-1, 1]; 0 when a norm is 0;
+// NaN when a feature is not finite (a NaN similarity never merges).
 template <typename acc_t>
 inline acc_t cosine(acc_t dot, acc_t norm_a, acc_t norm_b) {
   const acc_t denominator = norm_a * norm_b;
-  if (!(denominator > 0)) return acc_t(0);
+  if (denominator == acc_t(0)) return acc_t(0);
   return std::clamp(dot / denominator, acc_t(-1), acc_t(1));
 }
 
@@ -78,6 +79,7 @@ struct PixelGraph {
         norm(grid_in.pixels(), acc_t(0)),
         sim(grid_in.directions * grid_in.pixels(), acc_t(0)) {
     const int64_t n = grid.pixels();
+    if (n == 0) return;  // no pixels, no edges (offsets are meaningless for a width of 0)
     // A chunk of pixels at a time, kChannelGroup channels at a time: the chunk's sums (and rows)
     // stay in cache while each channel's segment of the features is read contiguously (plus a
     // row of halo for the edges that leave the chunk), and each sum is updated once per group.

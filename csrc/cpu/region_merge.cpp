@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -33,20 +34,25 @@ Grid check_feat(const char* op, const at::Tensor& feat, int64_t connectivity) {
   TORCH_CHECK(connectivity == 4 || connectivity == 8, op, ": connectivity should be 4 or 8, got ",
               connectivity);
   const int64_t height = feat.size(2), width = feat.size(3);
-  TORCH_CHECK(height * width < std::numeric_limits<int32_t>::max(), op,
-              ": images of at most 2^31 - 1 pixels are supported, got H x W = ", height, " x ",
-              width);
+  int64_t pixels = 0;
+  TORCH_CHECK(
+      !c10::mul_overflows(height, width, &pixels) && pixels < std::numeric_limits<int32_t>::max(),
+      op, ": images of at most 2^31 - 2 pixels are supported, got H x W = ", height, " x ", width);
+  checked_numel(op, "feat", {feat.size(0), feat.size(1), pixels});
   return Grid{height, width, connectivity == 4 ? 2 : 4};
 }
 
 // The automatic threshold of one image from its edge similarities; +inf without edges.
 // Medians (the lower one of an even count) and deviations are taken in the similarities' own
-// dtype, as the reference does.
+// dtype, as the reference does. NaN similarities (edges touching a non-finite feature) are left
+// out: they never merge, and the statistics describe the image's other edges.
 template <typename acc_t>
 double auto_threshold(const PixelGraph<acc_t>& graph) {
   std::vector<acc_t> values;
   values.reserve(graph.grid.directions * graph.grid.pixels());
-  graph.for_each_edge([&values](int32_t, int32_t, acc_t s) { values.push_back(s); });
+  graph.for_each_edge([&values](int32_t, int32_t, acc_t s) {
+    if (!std::isnan(s)) values.push_back(s);
+  });
   if (values.empty()) return std::numeric_limits<double>::infinity();
   const size_t middle = (values.size() - 1) / 2;
   const acc_t median = kth_smallest(values, middle, acc_t(-1), acc_t(1));
@@ -82,7 +88,7 @@ at::Tensor check_threshold(const at::Tensor& threshold, const at::Tensor& feat) 
   check_size(op, "threshold", threshold, 0, feat.size(0), "feat.shape[0] (B)");
   TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), op,
               ": threshold should be a floating tensor, got ", threshold.scalar_type());
-  check_same_device(op, "threshold", threshold, feat);
+  check_same_device(op, "threshold", threshold, "feat", feat);
   const at::Tensor values = threshold.to(at::kDouble).contiguous();
   const at::Tensor nan = values.isnan();
   TORCH_CHECK(!nan.any().item<bool>(), op, ": threshold should not be NaN, got NaN for image ",
@@ -126,7 +132,10 @@ at::Tensor region_auto_threshold_cpu(const at::Tensor& feat_in, int64_t connecti
   const Grid grid = check_feat(op, feat_in, connectivity);
   const at::Tensor feat = feat_in.contiguous();
   const int64_t batch = feat.size(0), channels = feat.size(1), n = grid.pixels();
-  at::Tensor out = at::empty({batch}, feat.options().dtype(at::kDouble));
+  // An image without neighbouring pixel pairs (H x W of 1 x 1, or empty) has threshold +inf.
+  at::Tensor out =
+      at::full({batch}, std::numeric_limits<double>::infinity(), feat.options().dtype(at::kDouble));
+  if (batch == 0 || n == 0) return out;
   double* out_data = out.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -46,6 +46,18 @@ void check_labels_below(const char* op, const at::Tensor& labels, const at::Tens
               high[b].item<int64_t>());
 }
 
+// The [B, R, C] outputs (and their [B, C, R] accumulator) must be countable in int64 and small
+// enough to allocate: refused with the op's name rather than a bare allocator error.
+void check_output_size(const char* op, int64_t batch, int64_t regions, int64_t channels,
+                       const char* regions_name) {
+  const int64_t elements = checked_numel(op, "the [B, R, C] output", {batch, regions, channels});
+  const int64_t count_elements = checked_numel(op, "the [B, R] region counts", {batch, regions});
+  constexpr int64_t kMaxBytes = int64_t{1} << 46;  // 64 TiB: beyond any host memory
+  TORCH_CHECK(elements <= kMaxBytes / 8 && count_elements <= kMaxBytes / 8, op,
+              ": the output [B, R, C] = [", batch, ", ", regions, ", ", channels,
+              "] with R = ", regions_name, " is too large to allocate");
+}
+
 // Sums of x [B, C, H*W] over each label -> [B, C, regions] in the accumulation dtype.
 at::Tensor region_sums(const at::Tensor& x, const at::Tensor& labels, int64_t regions) {
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
@@ -89,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor> region_pool_cpu(const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
   const int64_t batch = x.size(0), n = x.size(2) * x.size(3);
   const int64_t regions = batch > 0 ? num.max().item<int64_t>() : 0;
-  at::Tensor counts = at::zeros({batch, regions}, labels.options());
+  check_output_size(op, batch, regions, x.size(1), "num.max()");
+  at::Tensor counts = naming_op(op, [&] { return at::zeros({batch, regions}, labels.options()); });
   if (counts.numel() > 0) {
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     int64_t* count = counts.mutable_data_ptr<int64_t>();
@@ -99,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> region_pool_cpu(const at::Tensor& x_in,
       }
     });
   }
-  at::Tensor sums = region_sums(x, labels, regions);
+  at::Tensor sums = naming_op(op, [&] { return region_sums(x, labels, regions); });
   sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
   return {regions_first(sums, x.scalar_type()), counts};
 }
@@ -109,9 +122,11 @@ at::Tensor region_sum_cpu(const at::Tensor& x_in, const at::Tensor& labels_in,
   constexpr const char* op = "region_sum";
   check_x_and_labels(op, "x", x_in, labels_in);
   TORCH_CHECK(num_regions >= 0, op, ": num_regions should be >= 0, got ", num_regions);
+  check_output_size(op, x_in.size(0), num_regions, x_in.size(1), "num_regions");
   check_index_range(op, "labels", labels_in, 0, num_regions);
   const at::Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
-  return regions_first(region_sums(x, labels, num_regions), x.scalar_type());
+  return naming_op(
+      op, [&] { return regions_first(region_sums(x, labels, num_regions), x.scalar_type()); });
 }
 
 at::Tensor region_broadcast_cpu(const at::Tensor& pooled, const at::Tensor& labels_in) {

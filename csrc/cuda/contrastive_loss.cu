@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "contrastive_checks.h"
 
 namespace mgccl {
 namespace {
@@ -428,11 +427,7 @@ contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Ten
   check_contrastive_metadata(q_in, k, pos_in, scale_t, symmetric);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
               ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
-  if (weight.has_value()) {
-    check_dim(kOp, "weight", *weight, 1);
-    check_size(kOp, "weight", *weight, 0, q_in.size(0), "q.shape[0]");
-    check_same_device(kOp, "weight", *weight, q_in);
-  }
+  check_weight(kOp, weight, q_in);
   // Dispatched here, some argument is on the GPU, and all were checked to be on q's device.
   TORCH_INTERNAL_ASSERT(q_in.is_cuda());
   const c10::cuda::CUDAGuard device_guard(q_in.device());
@@ -442,12 +437,12 @@ contrastive_loss_cuda(const at::Tensor& q_in, const at::Tensor& k, const at::Ten
   const auto acc_opts = p.q.options().dtype(p.acc);
 
   const at::Tensor valid = p.pos.ge(0).to(p.acc);
-  const at::Tensor w = weight.has_value() ? weight->to(p.acc) * valid : valid;
+  const at::Tensor w = row_weights(weight, p.pos, p.acc);
   // c_rows = dLoss/dloss_row for "mean"/"sum": w / sum(w) (0 when that is 0), or w.
   at::Tensor c_rows = w;
   if (reduction == "mean") {
     const at::Tensor total = w.sum();
-    c_rows = at::where(total.ne(0), w / total, at::zeros_like(w));
+    c_rows = at::where(total.ne(0).logical_and(p.pos.ge(0)), w / total, at::zeros_like(w));
   }
 
   // Sweep 1: per-row log-sum-exp and positive logit; per-column online log-sum-exp.
@@ -520,7 +515,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(q.device());
   check_values(k, pos, scale_t, symmetric);
   const Prepared p = prepare(q, k, pos, scale_t);
-  const at::Tensor c_rows = row_grad.to(p.acc) * p.pos.ge(0).to(p.acc);
+  const at::Tensor c_rows =
+      at::where(p.pos.ge(0), row_grad.to(p.acc), at::zeros({}, row_grad.options().dtype(p.acc)));
   return gradient_sweep(p, scale_t, c_rows, row_lse.to(p.acc).contiguous(),
                         symmetric ? col_lse.to(p.acc).contiguous() : at::Tensor(), symmetric,
                         grad_mask);
