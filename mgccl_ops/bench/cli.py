@@ -14,6 +14,9 @@ BENCHMARKS = {
     "regions": "mgccl_ops.bench.regions",
     "sigmoid_contrastive": "mgccl_ops.bench.sigmoid_contrastive",
     "training_step": "mgccl_ops.bench.training_step",
+    "gpu_contrastive": "mgccl_ops.bench.gpu_contrastive",
+    "gpu_mining": "mgccl_ops.bench.gpu_mining",
+    "gpu_multi_grained": "mgccl_ops.bench.gpu_multi_grained",
 }
 
 

@@ -88,6 +88,9 @@ def topk_hard_negatives(
     The allowed keys are ordered by ``s_ij`` descending, ties to the smaller index; the first
     ``skip`` are dropped and the next ``num`` returned.
 
+    Autocast (CPU, CUDA): ``q`` and ``k`` are cast to the autocast dtype (two castable dtypes
+    are then accepted); the rest as given; see docs/ops.md.
+
     Args:
         q: [N, D] queries (float16, bfloat16, float32 or float64).
         k: [M, D] keys, same dtype and device as ``q``.
@@ -153,6 +156,9 @@ def hard_negative_loss(
     ``l_i = logsumexp({s_i,pos[i]} U {s_i,j : j in neg_idx[i], j >= 0}) - s_i,pos[i]`` with
     ``s_ij = scale * <q_i, k_j>``; a key listed twice in ``neg_idx[i]`` counts twice. The
     logits are indexed dot products: no [N, K, D] tensor is built.
+
+    Autocast (CPU, CUDA): ``q`` and ``k`` are cast to the autocast dtype (two castable dtypes
+    are then accepted); the rest as given; see docs/ops.md.
 
     Args:
         q: [N, D] queries (float16, bfloat16, float32 or float64).

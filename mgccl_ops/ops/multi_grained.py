@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, autocast
 from mgccl_ops.ops._dtypes import accumulation_dtype
 from mgccl_ops.ops.hard_negatives import (
     hard_negative_loss_with_rows,
@@ -127,6 +127,9 @@ def multi_grained_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of per-level contrastive losses against one shared key bank, in one pass.
 
+    Autocast (CPU, CUDA): every ``q_l`` and ``k`` are cast to the autocast dtype first; see
+    docs/ops.md.
+
     Args:
         levels: a sequence of ``(q_l [N_l, D], pos_l [N_l] int64, weight_l)`` or
             ``(q_l, pos_l, weight_l, q_group_l [N_l] int64)``; ``pos_l = -1`` ignores a row,
@@ -147,6 +150,10 @@ def multi_grained_loss(
         second-order ones (``create_graph=True`` raises). Errors name the level at fault.
     """
     parsed = parse_levels(levels, k, k_group)
+    # Under autocast the ops' rule (q and k in the autocast dtype), applied here already so that
+    # the per-level sums below see the values the kernels see.
+    k, *level_qs = autocast.cast_for_autocast(k, *(level.q for level in parsed))
+    parsed = [level._replace(q=q_level) for level, q_level in zip(parsed, level_qs)]
     if hard_negatives is not None and (
         isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
     ):
