@@ -11,6 +11,7 @@ BENCHMARKS = {
     "hard_negatives": "mgccl_ops.bench.hard_negatives",
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
+    "regions_gpu": "mgccl_ops.bench.regions_gpu",
     "training_step": "mgccl_ops.bench.training_step",
 }
 
