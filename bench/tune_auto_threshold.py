@@ -23,7 +23,7 @@ import torch
 import mgccl_ops
 from mgccl_ops.bench import report
 from mgccl_ops.bench.synthetic_regions import adjusted_rand_index, piecewise_constant_images
-from mgccl_ops.reference.regions import edge_similarities
+from mgccl_ops.reference.regions import MAD_TO_SIGMA, edge_similarities
 
 NOISES = (0.1, 0.3, 0.6, 1.0)
 CORRELATIONS = (0.0, 0.5, 0.8)
@@ -52,7 +52,7 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 def rules(sim: np.ndarray) -> dict[str, float]:
     """Candidate thresholds of one image from its neighbour similarities."""
     median = np.median(sim)
-    mad = 1.4826 * np.median(np.abs(sim - median))
+    mad = MAD_TO_SIGMA * np.median(np.abs(sim - median))
     out = {f"median - {k} MAD": median - k * mad for k in MAD_FACTORS}
     out.update({f"quantile {q}": float(np.quantile(sim, q)) for q in QUANTILES})
     out["otsu"] = otsu(sim)

@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "auto_threshold_rule.h"
+
 TORCH_LIBRARY(mgccl, m) {
   // Fused similarity + contrastive loss (DESIGN.md op 1). `loss` is a 0-dim tensor for
   // reduction "mean"/"sum" and [N] for "none"; row_lse [N] and col_lse [M] (symmetric, else
@@ -93,4 +95,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "mgccl_ops compiled kernels; the operators register under torch.ops.mgccl";
   m.def("build_info", &build_info,
         "Versions and options this module was built with (torch, CUDA, archs, OpenMP threads)");
+  m.attr("AUTO_MAD_FACTOR") = mgccl::kAutoMadFactor;
+  m.attr("MAD_TO_SIGMA") = mgccl::kMadToSigma;
 }

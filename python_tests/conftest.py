@@ -1,4 +1,4 @@
-"""Shared pytest set-up: the GPU marker, devices to test on, and hypothesis profiles."""
+"""Shared pytest set-up: the GPU marker and hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -32,6 +32,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

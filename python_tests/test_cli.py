@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
+from mgccl_ops.bench.training_memory import step_peak_memory_mib
 from mgccl_ops.cli import build_parser, main
-from mgccl_ops.train.memory import step_peak_memory_mib
 
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "2", "--val-images", "2", "--png-images", "2",
         "--backend", "reference", "--no-progress"]  # fmt: skip

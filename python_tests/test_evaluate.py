@@ -7,12 +7,12 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import mgccl_ops.reference as reference_ops
+from mgccl_ops.backends import get_ops
 from mgccl_ops.evaluate.evaluator import EvalSettings, evaluate
 from mgccl_ops.evaluate.metrics import ConfusionMatrix
 from mgccl_ops.evaluate.prompts import class_embeddings
 from mgccl_ops.evaluate.units import group_logits, kmeans_labels, pixel_logits, predict
 from mgccl_ops.evaluate.visualize import palette, save_grid
-from mgccl_ops.train.backend import get_ops
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

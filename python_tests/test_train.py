@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mgccl_ops.reference as reference_ops
+from mgccl_ops.backends import get_ops
 from mgccl_ops.train import checkpoint
-from mgccl_ops.train.backend import get_ops
 from mgccl_ops.train.config import TrainConfig
 from mgccl_ops.train.objective import ObjectiveConfig, entity_bank_index, mgccl_loss, pixel_pseudo_labels
 from mgccl_ops.train.refine import colour_affinity, propagate

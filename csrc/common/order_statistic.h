@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "auto_threshold_rule.h"
 #include "host_device.h"
 
 namespace mgccl {
@@ -39,11 +40,8 @@ MGCCL_HOST_DEVICE inline int32_t target_bin(const count_t* counts, int64_t k, in
   return target;
 }
 
-// The automatic threshold rule: median(s) - kAutoMadFactor * kMadToSigma * MAD(s), in float64
-// (mgccl_ops/ops/region_merge.py documents it and how it was chosen).
-constexpr double kAutoMadFactor = 1.0;
-constexpr double kMadToSigma = 1.4826;
-
+// The automatic threshold rule of auto_threshold_rule.h, median(s) - kAutoMadFactor *
+// kMadToSigma * MAD(s), in float64 with each step rounded as on the host.
 MGCCL_HOST_DEVICE inline double auto_threshold_rule(double median, double mad) {
   return exact_add(median, -exact_mul(exact_mul(kAutoMadFactor, kMadToSigma), mad));
 }

@@ -6,7 +6,7 @@ three-level objective, with the ``mgccl_ops`` ops (``mgccl``) or their plain-PyT
 references (``pytorch``, which gather the [N, K, D] negative keys of every pixel row). The
 sweep covers the batch size, the number of mined hard negatives K and whether the image
 encoder runs under activation checkpointing. Time is the median over repeated steps; peak
-memory is measured by :func:`mgccl_ops.train.memory.step_peak_memory_mib` (a fresh process,
+memory is measured by :func:`mgccl_ops.bench.training_memory.step_peak_memory_mib` (a fresh process,
 one warm-up step).
 """
 
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from mgccl_ops.bench import harness, report
-from mgccl_ops.train.memory import FACTORY, step_peak_memory_mib
+from mgccl_ops.bench.training_memory import FACTORY, step_peak_memory_mib
 
 NAME = "training_step"
 PROVIDERS = {"mgccl": "fused", "pytorch": "reference"}

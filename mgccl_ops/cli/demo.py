@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from ..train.backend import get_ops
-from ..train.memory import compare_peak_memory
+from ..backends import get_ops
+from ..bench.training_memory import compare_peak_memory
 from ..train.trainer import train
 from .common import table
-from .evaluate import UNIT_TITLES, add_eval_arguments, synthetic_scores, write_png
+from .evaluate import UNIT_TITLES, add_eval_arguments, builtin_scores, write_png
 from .train import add_training_arguments, config_from_args
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"== training {name.replace('_', '-')} ({args.steps} steps, batch {args.batch_size}) ==", flush=True)
         model = train(config_from_args(args, str(out / name), object_only=object_only))
         # The ablation never trains the background key, so its background is by threshold alone.
-        results, thresholds[name] = synthetic_scores(model, args, ops, background_key=not object_only)
+        results, thresholds[name] = builtin_scores(model, args, ops, background_key=not object_only)
         scores[name] = {unit: 100 * r.matrices[unit].mean_iou() for unit, r in results.items()}
         if name == "full":
             png = out / "predictions.png"

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..backends import BACKENDS, get_ops
 from ..data.benchmarks import BENCHMARKS
 from ..data.segmentation import SegmentationFolder
-from ..data.synthetic import SyntheticShapes
-from ..evaluate.calibrate import calibrate_background
 from ..evaluate.evaluator import EvalSettings, evaluate
 from ..evaluate.prompts import TEMPLATES
+from ..evaluate.synthetic import synthetic_scores
 from ..evaluate.units import UNITS
 from ..evaluate.visualize import save_grid
-from ..train.backend import BACKENDS, get_ops
 from .common import load_model, table
 
 UNIT_TITLES = {"pixel": "per-pixel", "group": "per-group", "adaptive": "adaptive unit"}
@@ -64,23 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_arguments(parser, eval_images=200)
 
 
-def synthetic_scores(model, args: argparse.Namespace, ops, threshold: float | None = None, background_key: bool = True):
-    """Evaluate on the built-in held-out split; returns (result, thresholds per unit).
-
-    ``background_key=False`` finds background by the threshold alone, for a model whose
-    background key was never trained (the object-level-only ablation).
-    """
-    settings = settings_from_args(args)
-    settings.background_key = background_key
-    held = SyntheticShapes("heldout", args.eval_images, seed=args.seed + 1)
-    if threshold is None:
-        val = SyntheticShapes("val", args.val_images, seed=args.seed + 2)
-        thresholds = calibrate_background(model, val, val.class_names, ops, settings)
-    else:
-        thresholds = dict.fromkeys(settings.units, threshold)
-    settings.background_threshold = thresholds
-    result = evaluate(model, held, held.class_names, True, ops, settings)
-    return dict.fromkeys(settings.units, result), thresholds
+def builtin_scores(model, args: argparse.Namespace, ops, threshold: float | None = None, background_key: bool = True):
+    """:func:`~mgccl_ops.evaluate.synthetic.synthetic_scores` with the command line's settings."""
+    return synthetic_scores(model, settings_from_args(args), ops, eval_images=args.eval_images,
+                            val_images=args.val_images, seed=args.seed, threshold=threshold,
+                            background_key=background_key)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     ops = get_ops(args.backend)
     if args.benchmark == "synthetic":
-        results, thresholds = synthetic_scores(model, args, ops, args.bg_threshold)
+        results, thresholds = builtin_scores(model, args, ops, args.bg_threshold)
     else:
         if not args.root:
             raise SystemExit(f"mgccl eval: --root is needed for the {args.benchmark} benchmark")

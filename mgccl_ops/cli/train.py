@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ..backends import BACKENDS
 from ..data.benchmarks import BENCHMARKS
 from ..data.entities import ConceptVocabulary
 from ..data.pairs import ImageTextFolder, PairList, TarShards
 from ..models import OpenClipDualEncoder, SmallDualEncoder, split_words
 from ..train import checkpoint
-from ..train.backend import BACKENDS
 from ..train.config import TrainConfig
 from ..train.objective import ObjectiveConfig
 from ..train.trainer import train

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from mgccl_ops.ops._dtypes import FLOAT_DTYPES, accumulation_dtype
+from mgccl_ops.ops._reductions import check_reduction
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
@@ -55,9 +56,9 @@ def check_index(op: str, name: str, tensor: torch.Tensor, length: int, what: str
     check_size(op, name, tensor, 0, length, what)
 
 
-def check_same_device(op: str, name: str, tensor: torch.Tensor, ref: torch.Tensor) -> None:
+def check_same_device(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if tensor.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {tensor.device} but q is on {ref.device}")
+        raise ValueError(f"{op}: {name} is on {tensor.device} but {ref_name} is on {ref.device}")
 
 
 def check_choice(op: str, name: str, value: object, choices: tuple) -> None:
@@ -81,8 +82,33 @@ def scale_tensor(op: str, scale: float | torch.Tensor, ref: torch.Tensor) -> tor
         raise TypeError(f"{op}: scale should be a float or a 0-dim tensor, got {type(scale).__name__}")
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"{op}: scale should be finite, got {scale}")
-    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    return torch.tensor(float(scale), dtype=dtype, device=ref.device)
+    return torch.tensor(float(scale), dtype=accumulation_dtype(ref.dtype), device=ref.device)
+
+
+def check_query_key_pair(op: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """q [N, D] and k [M, D]: floating, one dtype, one device, one width D."""
+    check_dim(op, "q", q, 2, "[N, D]")
+    check_dim(op, "k", k, 2, "[M, D]")
+    check_float(op, "q", q)
+    check_same_dtype(op, "k", k, "q", q)
+    check_size(op, "k", k, 1, q.shape[1], "q.shape[1] (D)")
+    check_same_device(op, "k", k, "q", q)
+
+
+def check_loss_inputs(op: str, q, k, pos, scale, weight, reduction) -> None:
+    """The arguments every loss op shares: q [N, D], k [M, D], pos [N] int64, a 0-dim scale,
+    optional floating weight [N] and the reduction name, all on q's device."""
+    check_query_key_pair(op, q, k)
+    check_index(op, "pos", pos, q.shape[0], "N")
+    check_same_device(op, "pos", pos, "q", q)
+    check_same_device(op, "scale", scale, "q", q)
+    if weight is not None:
+        check_dim(op, "weight", weight, 1, "[N]")
+        check_size(op, "weight", weight, 0, q.shape[0], "q.shape[0] (N)")
+        if not weight.is_floating_point():
+            raise ValueError(f"{op}: weight should be a floating tensor, got {weight.dtype}")
+        check_same_device(op, "weight", weight, "q", q)
+    check_reduction(op, reduction)
 
 
 def fake_gradients(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, grad_mask) -> tuple:

@@ -12,33 +12,14 @@ from __future__ import annotations
 import torch
 
 from mgccl_ops.ops import _checks
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "contrastive_loss"
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_inputs(q, k, pos, scale, weight, reduction, symmetric) -> None:
     """Metadata checks shared by the wrapper and the fake impl (values are checked in kernels)."""
-    _checks.check_dim(OP, "q", q, 2, "[N, D]")
-    _checks.check_dim(OP, "k", k, 2, "[M, D]")
-    _checks.check_float(OP, "q", q)
-    _checks.check_same_dtype(OP, "k", k, "q", q)
-    _checks.check_size(OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
-    _checks.check_index(OP, "pos", pos, q.shape[0], "N")
-    _checks.check_same_device(OP, "k", k, q)
-    _checks.check_same_device(OP, "pos", pos, q)
-    _checks.check_same_device(OP, "scale", scale, q)
-    if weight is not None:
-        _checks.check_dim(OP, "weight", weight, 1, "[N]")
-        _checks.check_size(OP, "weight", weight, 0, q.shape[0], "q.shape[0] (N)")
-        if not weight.is_floating_point():
-            raise ValueError(f"{OP}: weight should be a floating tensor, got {weight.dtype}")
-        _checks.check_same_device(OP, "weight", weight, q)
-    _checks.check_choice(OP, "reduction", reduction, REDUCTIONS)
+    _checks.check_loss_inputs(OP, q, k, pos, scale, weight, reduction)
     if symmetric and q.shape[0] != k.shape[0]:
         raise ValueError(
             f"{OP}: symmetric=True needs as many queries as keys, got N = {q.shape[0]} and M = {k.shape[0]}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mgccl_ops.ops import _checks
-from mgccl_ops.ops.contrastive import REDUCTIONS, accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 MINE_OP = "topk_hard_negatives"
 LOSS_OP = "hard_negative_loss"
@@ -21,27 +21,22 @@ LOSS_OP = "hard_negative_loss"
 
 def check_mining_inputs(q, k, num, pos, q_group, k_group) -> None:
     """Metadata checks shared by the wrapper and the fake impl (values are checked in kernels)."""
-    _checks.check_dim(MINE_OP, "q", q, 2, "[N, D]")
-    _checks.check_dim(MINE_OP, "k", k, 2, "[M, D]")
-    _checks.check_float(MINE_OP, "q", q)
-    _checks.check_same_dtype(MINE_OP, "k", k, "q", q)
-    _checks.check_size(MINE_OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
-    _checks.check_same_device(MINE_OP, "k", k, q)
+    _checks.check_query_key_pair(MINE_OP, q, k)
     if isinstance(num, bool) or not isinstance(num, int):
         raise TypeError(f"{MINE_OP}: num should be an int, got {type(num).__name__}")
     if not 0 <= num <= k.shape[0]:
         raise ValueError(f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}")
     if pos is not None:
         _checks.check_index(MINE_OP, "pos", pos, q.shape[0], "N")
-        _checks.check_same_device(MINE_OP, "pos", pos, q)
+        _checks.check_same_device(MINE_OP, "pos", pos, "q", q)
     if (q_group is None) != (k_group is None):
         given = "q_group" if q_group is not None else "k_group"
         raise ValueError(f"{MINE_OP}: q_group and k_group should be given together, got only {given}")
     if q_group is not None:
         _checks.check_index(MINE_OP, "q_group", q_group, q.shape[0], "N")
         _checks.check_index(MINE_OP, "k_group", k_group, k.shape[0], "M")
-        _checks.check_same_device(MINE_OP, "q_group", q_group, q)
-        _checks.check_same_device(MINE_OP, "k_group", k_group, q)
+        _checks.check_same_device(MINE_OP, "q_group", q_group, "q", q)
+        _checks.check_same_device(MINE_OP, "k_group", k_group, "q", q)
 
 
 def topk_hard_negatives(
@@ -85,30 +80,12 @@ def _topk_hard_negatives_fake(q, k, num, pos, q_group, k_group):
 def check_loss_inputs(q, k, pos, neg_idx, scale, weight, reduction) -> None:
     """Metadata checks shared by the wrapper and the fake impl (index ranges are checked in
     kernels)."""
-    _checks.check_dim(LOSS_OP, "q", q, 2, "[N, D]")
-    _checks.check_dim(LOSS_OP, "k", k, 2, "[M, D]")
-    _checks.check_float(LOSS_OP, "q", q)
-    _checks.check_same_dtype(LOSS_OP, "k", k, "q", q)
-    _checks.check_size(LOSS_OP, "k", k, 1, q.shape[1], "q.shape[1] (D)")
-    _checks.check_index(LOSS_OP, "pos", pos, q.shape[0], "N")
+    _checks.check_loss_inputs(LOSS_OP, q, k, pos, scale, weight, reduction)
     _checks.check_dim(LOSS_OP, "neg_idx", neg_idx, 2, "[N, K]")
     if neg_idx.dtype != torch.int64:
         raise ValueError(f"{LOSS_OP}: neg_idx should be int64, got {neg_idx.dtype}")
     _checks.check_size(LOSS_OP, "neg_idx", neg_idx, 0, q.shape[0], "q.shape[0] (N)")
-    for name, tensor in (
-        ("k", k),
-        ("pos", pos),
-        ("neg_idx", neg_idx),
-        ("scale", scale),
-    ):
-        _checks.check_same_device(LOSS_OP, name, tensor, q)
-    if weight is not None:
-        _checks.check_dim(LOSS_OP, "weight", weight, 1, "[N]")
-        _checks.check_size(LOSS_OP, "weight", weight, 0, q.shape[0], "q.shape[0] (N)")
-        if not weight.is_floating_point():
-            raise ValueError(f"{LOSS_OP}: weight should be a floating tensor, got {weight.dtype}")
-        _checks.check_same_device(LOSS_OP, "weight", weight, q)
-    _checks.check_choice(LOSS_OP, "reduction", reduction, REDUCTIONS)
+    _checks.check_same_device(LOSS_OP, "neg_idx", neg_idx, "q", q)
 
 
 def hard_negative_loss(

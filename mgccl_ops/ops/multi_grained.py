@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from mgccl_ops.ops import _checks
-from mgccl_ops.ops.contrastive import accumulation_dtype
+from mgccl_ops.ops._dtypes import accumulation_dtype
 from mgccl_ops.ops.hard_negatives import (
     hard_negative_loss_with_rows,
     topk_hard_negatives,
@@ -39,7 +39,7 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
     _checks.check_float(OP, "k", k)
     if k_group is not None:
         _checks.check_index(OP, "k_group", k_group, k.shape[0], "M")
-        _checks.check_same_device(OP, "k_group", k_group, k)
+        _checks.check_same_device(OP, "k_group", k_group, "k", k)
     if isinstance(levels, torch.Tensor) or not isinstance(levels, Sequence) or len(levels) == 0:
         raise ValueError(f"{OP}: levels should be a non-empty sequence of tuples, got {levels!r:.80}")
     parsed = []
@@ -55,14 +55,14 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
         _checks.check_dim(OP, f"{name} q", q, 2, "[N_l, D]")
         _checks.check_same_dtype(OP, f"{name} q", q, "k", k)
         _checks.check_size(OP, f"{name} q", q, 1, k.shape[1], "k.shape[1] (D)")
-        _checks.check_same_device(OP, "k", k, q)
+        _checks.check_same_device(OP, f"{name} q", q, "k", k)
         _checks.check_index(OP, f"{name} pos", pos, q.shape[0], "N_l")
-        _checks.check_same_device(OP, f"{name} pos", pos, q)
+        _checks.check_same_device(OP, f"{name} pos", pos, f"{name} q", q)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"{OP}: {name} weight should be a float, got {type(weight).__name__}")
         if q_group is not None:
             _checks.check_index(OP, f"{name} q_group", q_group, q.shape[0], "N_l")
-            _checks.check_same_device(OP, f"{name} q_group", q_group, q)
+            _checks.check_same_device(OP, f"{name} q_group", q_group, f"{name} q", q)
             if k_group is None:
                 raise ValueError(f"{OP}: {name} has a q_group but k_group is None")
         parsed.append(Level(q, pos, float(weight), q_group))

@@ -38,7 +38,7 @@ def threshold_tensor(threshold: float | str | torch.Tensor, feat: torch.Tensor) 
             )
         if not threshold.is_floating_point():
             raise ValueError(f"region_merge: threshold should be a floating tensor, got {threshold.dtype}")
-        _checks.check_same_device("region_merge", "threshold", threshold, feat)
+        _checks.check_same_device("region_merge", "threshold", threshold, "feat", feat)
         return threshold.to(torch.float64).expand(batch).contiguous()
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(
@@ -98,11 +98,13 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     Rule, per image, over the cosine similarities ``s`` of all its neighbouring pixel pairs
     (the grid edges of ``connectivity``)::
 
-        threshold = median(s) - 1.4826 * median(|s - median(s)|)      (lower medians)
+        threshold = median(s) - MAD_TO_SIGMA * median(|s - median(s)|)      (lower medians)
 
-    one robust standard deviation below the typical neighbour similarity. Most neighbour pairs
-    lie inside a region, so the median and the median absolute deviation describe how alike
-    the pixels of one region are; region boundaries are the outliers below. +inf for an image
+    with ``MAD_TO_SIGMA`` (``mgccl_ops._C.MAD_TO_SIGMA``, defined in csrc/auto_threshold_rule.h)
+    the ratio of standard deviation to MAD for normal data: one robust standard deviation below
+    the typical neighbour similarity. Most neighbour pairs lie inside a region, so the median and
+    the median absolute deviation describe how alike the pixels of one region are; region
+    boundaries are the outliers below. +inf for an image
     without neighbouring pairs (1 x 1).
 
     How it was chosen (``bench/tune_auto_threshold.py``, ``bench/results/auto_threshold.md``):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mgccl_ops.ops import _checks
+from mgccl_ops.ops._dtypes import accumulation_dtype
 
 
 def check_labels(op: str, labels: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
@@ -41,7 +42,7 @@ def check_pixels(op: str, x: torch.Tensor, labels: torch.Tensor) -> None:
 def check_pool_inputs(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> None:
     check_pixels("region_pool", x, labels)
     _checks.check_index("region_pool", "num", num, x.shape[0], "B")
-    _checks.check_same_device("region_pool", "num", num, x)
+    _checks.check_same_device("region_pool", "num", num, "x", x)
 
 
 def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ def _pool_setup_context(ctx, inputs, output):
 
 def _pool_backward(ctx, grad_pooled, _grad_counts):
     labels, counts = ctx.saved_tensors
-    acc = torch.float64 if grad_pooled.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(grad_pooled.dtype)
     per_pixel = (grad_pooled.to(acc) / counts.clamp_min(1).unsqueeze(-1).to(acc)).to(grad_pooled.dtype)
     return torch.ops.mgccl.region_broadcast.default(per_pixel, labels), None, None
 

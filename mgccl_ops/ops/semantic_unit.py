@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mgccl_ops.ops import _checks
+from mgccl_ops.ops._dtypes import accumulation_dtype
 from mgccl_ops.ops.region_merge import region_merge
 from mgccl_ops.ops.region_pool import region_broadcast, region_pool
 
@@ -64,7 +65,7 @@ def adaptive_semantic_unit(
         if guide.device != pixel_feat.device:
             raise ValueError(f"{op}: guide is on {guide.device} but pixel_feat is on {pixel_feat.device}")
     labels, num = region_merge(guide, threshold, connectivity=connectivity, linkage=linkage)
-    acc = torch.float64 if pixel_feat.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(pixel_feat.dtype)
     pixels = F.normalize(pixel_feat.to(acc), dim=1, eps=EPS)
     texts = F.normalize(text_emb.to(acc), dim=1, eps=EPS)
     region_logits = region_pool(pixels, labels, num) @ texts.T  # [B, R, T]

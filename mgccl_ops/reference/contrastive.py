@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mgccl_ops.ops._dtypes import accumulation_dtype
+
 
 def reduce_rows(per_row: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduces weighted row losses [N]; ``weight`` [N] is already 0 on ignored rows.
@@ -30,7 +32,7 @@ def contrastive_loss(
     symmetric: bool = False,
 ) -> torch.Tensor:
     """Reference of :func:`mgccl_ops.contrastive_loss`: q [N, D], k [M, D], pos [N] -> loss."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     valid = pos >= 0
     w = valid.to(acc) if weight is None else weight.to(acc) * valid

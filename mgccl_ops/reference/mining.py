@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from mgccl_ops.ops._dtypes import accumulation_dtype
 from mgccl_ops.reference.contrastive import reduce_rows
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def allowed_keys(
@@ -47,7 +44,7 @@ def topk_hard_negatives(
     keys of largest ``<q_i, k_j>``, descending, ties to the smaller index; ``-1`` / ``-inf``
     where fewer keys are allowed.
     """
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     with torch.no_grad():
         sim = q.to(acc) @ k.to(acc).T  # [N, M]
@@ -77,7 +74,7 @@ def hard_negative_loss(
     Row i's softmax runs over its positive logit and one logit per listed negative (a key
     listed twice counts twice); reduced like :func:`contrastive_loss`.
     """
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     valid = pos >= 0
     w = valid.to(acc) if weight is None else weight.to(acc) * valid
     qa, ka = q.to(acc), k.to(acc)

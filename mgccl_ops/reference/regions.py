@@ -11,16 +11,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mgccl_ops._extension import _C
+from mgccl_ops.ops._dtypes import accumulation_dtype
+from mgccl_ops.ops.region_merge import threshold_tensor
+
 EPS = 1e-12
 # Offsets (dy, dx) of the neighbours that follow a pixel in raster order; every grid edge once.
 NEIGHBOUR_OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
-# The automatic threshold: median minus AUTO_MAD_FACTOR scaled median absolute deviations.
-AUTO_MAD_FACTOR = 1.0
-MAD_TO_SIGMA = 1.4826
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The automatic threshold: median minus AUTO_MAD_FACTOR scaled (MAD_TO_SIGMA) median absolute
+# deviations; the constants are defined once, in csrc/auto_threshold_rule.h.
+AUTO_MAD_FACTOR = _C.AUTO_MAD_FACTOR
+MAD_TO_SIGMA = _C.MAD_TO_SIGMA
 
 
 def grid_edges(height: int, width: int, connectivity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +130,7 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     """Reference of :func:`mgccl_ops.region_auto_threshold`: feat [B, C, H, W] -> [B] float64.
 
     Per image, over the cosine similarities s of all neighbouring pixel pairs:
-    ``median(s) - AUTO_MAD_FACTOR * 1.4826 * median(|s - median(s)|)`` (lower medians, taken in
+    ``median(s) - AUTO_MAD_FACTOR * MAD_TO_SIGMA * median(|s - median(s)|)`` (lower medians, taken in
     the similarities' dtype: float32, float64 for float64 features); +inf for an image without
     neighbouring pairs.
     """
@@ -144,14 +145,11 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
 
 
 def thresholds(threshold: float | str | torch.Tensor, feat: torch.Tensor, connectivity: int) -> list[float]:
-    """The per-image thresholds [B] as floats."""
-    if isinstance(threshold, str):
-        if threshold != "auto":
-            raise ValueError(f"region_merge: threshold should be a float, a [B] tensor or 'auto', got {threshold!r}")
+    """The per-image thresholds [B] as floats (parsed and checked as :func:`mgccl_ops.region_merge` does)."""
+    parsed = threshold_tensor(threshold, feat)
+    if parsed is None:
         return region_auto_threshold(feat, connectivity=connectivity).tolist()
-    if isinstance(threshold, torch.Tensor):
-        return threshold.to(torch.float64).reshape(-1).expand(feat.shape[0]).tolist()
-    return [float(threshold)] * feat.shape[0]
+    return parsed.tolist()
 
 
 def region_merge(

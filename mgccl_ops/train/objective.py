@@ -71,7 +71,7 @@ def mgccl_loss(
     """Total loss and its detached parts for one batch.
 
     Args:
-        ops: the op backend (see :func:`mgccl_ops.train.backend.get_ops`).
+        ops: the op backend (see :func:`mgccl_ops.backends.get_ops`).
         dense: [B, P, D] unit-norm dense image features.
         global_emb: [B, D] unit-norm global image embeddings.
         caption_emb: [B, D] unit-norm caption embeddings.

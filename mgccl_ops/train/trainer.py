@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..backends import get_ops
 from ..data.collate import StepBatchSampler, collate_pairs
 from ..data.synthetic import SyntheticShapes, vocabulary_words
 from ..models import SmallDualEncoder, build_model
 from . import checkpoint
-from .backend import get_ops
 from .config import TrainConfig
 from .schedule import warmup_cosine
 from .step import batch_loss

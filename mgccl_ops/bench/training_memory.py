@@ -23,18 +23,18 @@ from dataclasses import replace
 
 import torch
 
-from ..bench import harness
+from ..backends import get_ops
 from ..data.collate import collate_pairs
 from ..data.synthetic import SyntheticShapes
 from ..models import build_model
-from . import checkpoint
-from .backend import get_ops
-from .config import TrainConfig
-from .objective import ObjectiveConfig, mgccl_loss
-from .step import batch_loss
-from .trainer import build_default_model
+from ..train import checkpoint
+from ..train.config import TrainConfig
+from ..train.objective import ObjectiveConfig, mgccl_loss
+from ..train.step import batch_loss
+from ..train.trainer import build_default_model
+from . import harness
 
-FACTORY = "mgccl_ops.train.memory:training_step"
+FACTORY = "mgccl_ops.bench.training_memory:training_step"
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
