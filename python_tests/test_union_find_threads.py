@@ -2,7 +2,7 @@
 
 The CUDA region kernels run these functions from thousands of threads; the Triton interpreter
 and the CPU kernels run them one at a time, so neither could show a race. This builds
-``tests/cpp/union_find_race_test.cpp`` with the host compiler and runs it: 2 to 16
+``tests_cpp/union_find_race_test.cpp`` with the host compiler and runs it: 2 to 16
 ``std::thread``s, random work splits and yields, many seeds, every result against the sequential
 one. ``.ci/run`` also runs it under ThreadSanitizer.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "cpp" / "union_find_race_test.cpp"
+SOURCE = ROOT / "tests_cpp" / "union_find_race_test.cpp"
 COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 

@@ -11,7 +11,7 @@
 //
 // The memory access goes through a policy with load / store / cas on int32_t slots:
 //   PlainAccess       one host thread (the CPU kernels run one image per thread);
-//   HostAtomicAccess  many host threads, std::atomic_ref (the race tests, tests/cpp/);
+//   HostAtomicAccess  many host threads, std::atomic_ref (the race tests, tests_cpp/);
 //   DeviceAtomicAccess  CUDA threads, atomicCAS (csrc/cuda/), defined only under nvcc.
 #pragma once
 
