@@ -234,7 +234,7 @@ __global__ void deviation_kernel(acc_t* values, int64_t batch, int64_t per_image
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= batch * per_image) return;
   const acc_t d = exact_add(values[e], -median[e / per_image]);
-  deviation[e] = d < 0 ? -d : d;
+  deviation[e] = d < acc_t(0) ? -d : (d == acc_t(0) ? acc_t(0) : d);  // std::abs: +0 for -0
 }
 
 template <typename acc_t>
