@@ -31,7 +31,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "contrastive_checks.h"
 
 namespace mgccl {
 
@@ -141,26 +140,18 @@ contrastive_loss_driver(const at::Tensor& q_in, const at::Tensor& k, const at::T
   // The ATen calls below are the kernel's own arithmetic, never recorded by autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_contrastive_metadata(q_in, k, pos_in, scale_t, symmetric);
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
-              ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
-  if (weight.has_value()) {
-    check_dim(op, "weight", *weight, 1);
-    check_size(op, "weight", *weight, 0, q_in.size(0), "q.shape[0]");
-    check_same_device(op, "weight", *weight, q_in);
-  }
   check_contrastive_values(k, pos_in, scale_t, symmetric);
+  check_reduction(op, reduction);
+  check_weight(op, weight, q_in);
   const ContrastiveInputs in = Device::prepare(q_in, k, pos_in, scale_t);
   const int64_t n = in.q.size(0), m = in.k.size(0);
   const auto acc_opts = in.q.options().dtype(in.acc);
 
   const at::Tensor valid = in.pos.ge(0).to(in.acc);
-  const at::Tensor w = weight.has_value() ? weight->to(in.acc) * valid : valid;
-  // c_rows = dLoss/dloss_row for "mean"/"sum": w / sum(w) (0 when that is exactly 0), or w.
-  at::Tensor c_rows = w;
-  if (reduction == "mean") {
-    const at::Tensor total = w.sum();
-    c_rows = at::where(total.ne(0), w / total, at::zeros_like(w));
-  }
+  const at::Tensor w = row_weights(weight, in.pos, in.acc);
+  // c_rows = dLoss/dloss_row: w / W for "mean" (all 0 when W == 0 exactly), w for "sum".
+  bool zero_mean = false;
+  const at::Tensor c_rows = row_coefficients(w, in.pos, reduction, &zero_mean);
 
   // Sweep 1: per-row log-sum-exp and positive logit; per-column online log-sum-exp.
   at::Tensor row_lse = at::zeros({n}, acc_opts);
@@ -197,7 +188,8 @@ contrastive_loss_driver(const at::Tensor& q_in, const at::Tensor& k, const at::T
   if (reduction == "none") {
     loss = weight.has_value() ? row_loss * w : row_loss;
   } else {
-    loss = reduction == "sum" ? (row_loss * w).sum() : (row_loss * c_rows).sum();
+    // A mean over a total weight of exactly 0 is 0, even where a row loss is not finite.
+    loss = zero_mean ? at::zeros({}, acc_opts) : (row_loss * c_rows).sum();
     if (fuse_gradients) {
       std::tie(gq, gk, gs) = sink.finish(in.q, scale_t);
     } else if (grad_mask[0] || grad_mask[1] || grad_mask[2]) {
@@ -231,7 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward_driver(
   }
   check_contrastive_values(k, pos, scale_t, symmetric);
   const ContrastiveInputs in = Device::prepare(q, k, pos, scale_t);
-  const at::Tensor c_rows = row_grad.to(in.acc) * in.pos.ge(0).to(in.acc);
+  // Ignored rows take no gradient, whatever row_grad holds there (a NaN weight included).
+  const at::Tensor c_rows =
+      at::where(in.pos.ge(0), row_grad.to(in.acc), at::zeros({}, in.q.options().dtype(in.acc)));
   return contrastive_gradient_sweep<Device>(
       in, scale_t, c_rows, row_lse.to(in.acc).contiguous(),
       symmetric ? col_lse.to(in.acc).contiguous() : at::Tensor(), symmetric, grad_mask);

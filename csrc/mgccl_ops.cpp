@@ -60,11 +60,8 @@ TORCH_LIBRARY(mgccl, m) {
   m.def("region_sum(Tensor x, Tensor labels, SymInt num_regions) -> Tensor");
 }
 
-// Backward operators are not differentiable themselves (no double backward): autograd passes
-// through them without recording a graph.
-TORCH_LIBRARY_IMPL(mgccl, Autograd, m) {
-  m.impl("contrastive_loss_backward", torch::CppFunction::makeFallthrough());
-}
+// The backward operators (contrastive_loss_backward, hard_negative_loss_backward) get an autograd
+// formula in mgccl_ops/ops/ that refuses double backward with a clear error.
 
 namespace {
 

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include <limits>
 #include <optional>
@@ -30,9 +31,11 @@ inline Grid check_region_feat(const char* op, const at::Tensor& feat, int64_t co
   TORCH_CHECK(connectivity == 4 || connectivity == 8, op, ": connectivity should be 4 or 8, got ",
               connectivity);
   const int64_t height = feat.size(2), width = feat.size(3);
-  TORCH_CHECK(height * width < std::numeric_limits<int32_t>::max(), op,
-              ": images of at most 2^31 - 1 pixels are supported, got H x W = ", height, " x ",
-              width);
+  int64_t pixels = 0;
+  TORCH_CHECK(
+      !c10::mul_overflows(height, width, &pixels) && pixels < std::numeric_limits<int32_t>::max(),
+      op, ": images of at most 2^31 - 2 pixels are supported, got H x W = ", height, " x ", width);
+  checked_numel(op, "feat", {feat.size(0), feat.size(1), pixels});
   return Grid{height, width, connectivity == 4 ? 2 : 4};
 }
 
@@ -43,8 +46,7 @@ inline at::Tensor check_region_threshold(const at::Tensor& threshold, const at::
   check_size(op, "threshold", threshold, 0, feat.size(0), "feat.shape[0] (B)");
   TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), op,
               ": threshold should be a floating tensor, got ", threshold.scalar_type());
-  TORCH_CHECK(threshold.device() == feat.device(), op, ": threshold is on ", threshold.device(),
-              " but feat is on ", feat.device());
+  check_same_device(op, "threshold", threshold, "feat", feat);
   const at::Tensor values = threshold.to(at::kDouble).contiguous();
   const at::Tensor nan = values.isnan();
   TORCH_CHECK(!nan.any().item<bool>(), op, ": threshold should not be NaN, got NaN for image ",
@@ -113,6 +115,18 @@ inline void check_labels_below(const char* op, const at::Tensor& labels, const a
               high[b].item<int64_t>());
 }
 
+// The [B, R, C] outputs (and their [B, C, R] accumulator) must be countable in int64 and small
+// enough to allocate: refused with the op's name rather than a bare allocator error.
+inline void check_output_size(const char* op, int64_t batch, int64_t regions, int64_t channels,
+                              const char* regions_name) {
+  const int64_t elements = checked_numel(op, "the [B, R, C] output", {batch, regions, channels});
+  const int64_t count_elements = checked_numel(op, "the [B, R] region counts", {batch, regions});
+  constexpr int64_t kMaxBytes = int64_t{1} << 46;  // 64 TiB: beyond any host memory
+  TORCH_CHECK(elements <= kMaxBytes / 8 && count_elements <= kMaxBytes / 8, op,
+              ": the output [B, R, C] = [", batch, ", ", regions, ", ", channels,
+              "] with R = ", regions_name, " is too large to allocate");
+}
+
 // [B, C, regions] -> [B, regions, C] in dtype.
 inline at::Tensor regions_first(const at::Tensor& per_channel, at::ScalarType dtype) {
   return per_channel.transpose(1, 2).to(dtype).contiguous();
@@ -134,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor> region_pool_driver(const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
   const int64_t batch = x.size(0);
   const int64_t regions = batch > 0 ? num.max().item<int64_t>() : 0;
-  const at::Tensor counts = Device::region_counts(labels, regions);
-  at::Tensor sums = Device::region_sums(x, labels, regions);
+  check_output_size(op, batch, regions, x.size(1), "num.max()");
+  const at::Tensor counts = naming_op(op, [&] { return Device::region_counts(labels, regions); });
+  at::Tensor sums = naming_op(op, [&] { return Device::region_sums(x, labels, regions); });
   sums.div_(counts.clamp_min(1).unsqueeze(1).to(sums.scalar_type()));
   return {regions_first(sums, x.scalar_type()), counts};
 }
@@ -146,9 +161,12 @@ at::Tensor region_sum_driver(const at::Tensor& x_in, const at::Tensor& labels_in
   constexpr const char* op = "region_sum";
   check_x_and_labels(op, "x", x_in, labels_in);
   TORCH_CHECK(num_regions >= 0, op, ": num_regions should be >= 0, got ", num_regions);
+  check_output_size(op, x_in.size(0), num_regions, x_in.size(1), "num_regions");
   check_index_range(op, "labels", labels_in, 0, num_regions);
   const at::Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
-  return regions_first(Device::region_sums(x, labels, num_regions), x.scalar_type());
+  return naming_op(op, [&] {
+    return regions_first(Device::region_sums(x, labels, num_regions), x.scalar_type());
+  });
 }
 
 template <typename Device>

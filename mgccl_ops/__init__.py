@@ -12,6 +12,9 @@ from mgccl_ops.ops.multi_grained import multi_grained_loss
 from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
 from mgccl_ops.ops.region_pool import region_broadcast, region_pool
 from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
+from mgccl_ops.triton import register as _register_triton_kernels
+
+_register_triton_kernels()  # Triton kernels for CUDA (and CPU under MGCCL_TRITON_ON_CPU=1)
 
 __version__ = "0.1.0"
 

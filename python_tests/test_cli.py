@@ -2,11 +2,19 @@
 
 import json
 
+import benchmark_fixtures
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from test_readers import _expected_labels as expected_labels
+from torchmetrics.classification import MulticlassJaccardIndex
 
 from mgccl_ops.bench.training_memory import step_peak_memory_mib
 from mgccl_ops.cli import build_parser, main
+from mgccl_ops.data.benchmarks import BENCHMARKS
+from mgccl_ops.models import SmallDualEncoder, split_words
+from mgccl_ops.train import checkpoint
 
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "2", "--val-images", "2", "--png-images", "2",
         "--backend", "reference", "--no-progress"]  # fmt: skip
@@ -56,13 +64,6 @@ def test_train_reads_an_image_caption_folder(tmp_path, capsys):
         main(["train", "--data", "ftp:x", "--out-dir", str(tmp_path / "x")])
 
 
-def test_missing_checkpoint_and_folder_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        main(["eval", str(tmp_path / "none.pt")])
-    with pytest.raises(FileNotFoundError, match="image-caption folder not found"):
-        main(["train", "--data", f"folder:{tmp_path / 'absent'}", "--out-dir", str(tmp_path / "r")])
-
-
 def test_bench_is_handed_to_the_harness(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
@@ -99,3 +100,47 @@ def test_training_step_benchmark_writes_its_report(tmp_path):
     assert [r["provider"] for r in rows] == ["mgccl (K=2, checkpointing on)", "pytorch (K=2, checkpointing on)"]
     assert all(r["peak_mem_mib"] is not None and r["time_ms"]["median"] > 0 for r in rows)
     assert (tmp_path / "out" / "training_step.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A randomly initialised small model saved as mgccl train saves it (model spec + weights)."""
+    torch.manual_seed(0)
+    words = sorted({w for b in BENCHMARKS.values() for n in b.class_names for w in split_words(n)})
+    model = SmallDualEncoder(words, dim=16)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    checkpoint.save_atomic({"model_spec": model.describe(), "model": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_eval_scores_every_benchmark_layout_at_the_original_resolution(tmp_path, small_checkpoint, benchmark):
+    root = tmp_path / "data"
+    stored = benchmark_fixtures.build(root, benchmark, shapes=((18, 26), (30, 14)))
+    out = tmp_path / "pred"
+    args = ["eval", str(small_checkpoint), "--benchmark", benchmark, "--root", str(root), "--short-side", "20",
+            "--window", "16", "--stride", "8", "--groups", "3", "--bg-threshold", "0.0", "--backend", "reference",
+            "--predictions", str(out), "--json", str(tmp_path / "scores.json")]  # fmt: skip
+    assert main(args) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())["miou"]
+    classes = len(BENCHMARKS[benchmark].class_names)
+    for unit in ("pixel", "group", "adaptive"):
+        files = sorted((out / unit).rglob("*.png"))
+        assert len(files) == len(stored)
+        metric = MulticlassJaccardIndex(classes, average="macro", ignore_index=255)
+        for file, mask in zip(files, stored, strict=True):
+            with Image.open(file) as png:
+                pred = torch.from_numpy(np.asarray(png).astype(np.int64))
+            assert pred.shape == mask.shape  # written and scored at the original size
+            metric.update(pred, torch.from_numpy(expected_labels(benchmark, mask)))
+        assert scores[unit] == pytest.approx(100 * float(metric.compute()), abs=1e-4), unit
+
+
+def test_eval_refuses_rgb_masks_and_missing_splits(tmp_path, small_checkpoint):
+    benchmark_fixtures.build(tmp_path, "voc")
+    base = ["eval", str(small_checkpoint), "--benchmark", "voc", "--root", str(tmp_path)]
+    with pytest.raises(SystemExit, match="mgccl eval: voc split file not found: .*train.txt"):
+        main([*base, "--split", "train"])  # was: every mask scored
+    Image.new("RGB", (16, 12), (15, 15, 15)).save(tmp_path / "SegmentationClass" / "img0.png")
+    with pytest.raises(SystemExit, match="mgccl eval: mask .*img0.png is a 'RGB' image"):
+        main(base)  # was: channel 0 kept

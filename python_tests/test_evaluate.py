@@ -1,5 +1,6 @@
 """Evaluation: mIoU against torchmetrics, units, background threshold, an oracle model, the PNG."""
 
+import benchmark_fixtures
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,11 +9,14 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 import mgccl_ops.reference as reference_ops
 from mgccl_ops.backends import get_ops
+from mgccl_ops.data.segmentation import SegmentationFolder
 from mgccl_ops.evaluate.evaluator import EvalSettings, evaluate
+from mgccl_ops.evaluate.inference import image_logits, resized_size, slide_windows
 from mgccl_ops.evaluate.metrics import ConfusionMatrix
 from mgccl_ops.evaluate.prompts import class_embeddings
-from mgccl_ops.evaluate.units import group_logits, kmeans_labels, pixel_logits, predict
+from mgccl_ops.evaluate.units import UNITS, group_logits, kmeans_labels, pixel_logits, predict
 from mgccl_ops.evaluate.visualize import palette, save_grid
+from mgccl_ops.models import SmallDualEncoder
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -128,3 +132,89 @@ def test_class_embeddings_average_templates():
     model = OracleModel(["red star", "blue ring"])
     emb = class_embeddings(model, ["blue ring", "red star"], templates=("a {}.", "the {} here"))
     assert torch.allclose(emb, torch.tensor([[0.0, 1, 0], [1, 0, 0]]))
+
+
+def test_slide_windows_follow_mmseg_and_cover_the_image():
+    boxes = slide_windows(10, 17, window=6, stride=4)
+    # rows: ceil((10 - 6) / 4) + 1 = 2 (the last flush with the bottom); cols: ceil((17 - 6) / 4) + 1 = 4
+    assert sorted({(y0, y1) for y0, y1, _, _ in boxes}) == [(0, 6), (4, 10)]
+    assert sorted({(x0, x1) for _, _, x0, x1 in boxes}) == [(0, 6), (4, 10), (8, 14), (11, 17)]
+    covered = torch.zeros(10, 17)
+    for y0, y1, x0, x1 in boxes:
+        covered[y0:y1, x0:x1] += 1
+    assert bool((covered > 0).all())
+    assert slide_windows(5, 4, window=8, stride=4) == [(0, 5, 0, 4)]  # one window cut to a small image
+    with pytest.raises(ValueError, match="stride <= window"):
+        slide_windows(10, 10, window=4, stride=5)
+    assert resized_size(375, 500, 448, 2048) == (448, 597)
+    assert resized_size(100, 1000, 448, 2048) == (205, 2048)  # the long-side cap wins
+    assert resized_size(30, 40, None, None) == (30, 40)
+
+
+def test_sliding_windows_average_where_they_overlap():
+    image = torch.zeros(3, 10, 17, dtype=torch.uint8)
+    boxes = slide_windows(10, 17, 6, 4)
+    order = iter(range(len(boxes)))
+
+    class Constant(torch.nn.Module):  # dense features: a constant per window, the window's number
+        logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+        def encode_image(self, images):
+            n, _, h, w = images.shape
+            values = torch.tensor([float(next(order)) for _ in range(n)])
+            return values.view(n, 1, 1).expand(n, h * w, 1), None, (h, w)
+
+    out = image_logits(Constant(), image, ["pixel"], lambda unit, dense, grid, images: dense.reshape(-1, 1, *grid),
+                       short_side=None, max_long_side=None, window=6, stride=4, batch_size=3)["pixel"]  # fmt: skip
+    total, count = torch.zeros(10, 17), torch.zeros(10, 17)
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        total[y0:y1, x0:x1] += k
+        count[y0:y1, x0:x1] += 1
+    assert out.shape == (1, 1, 10, 17) and torch.allclose(out[0, 0], total / count)
+
+
+def _small_model(seed: int = 0) -> SmallDualEncoder:
+    torch.manual_seed(seed)
+    return SmallDualEncoder(["cat", "dog", "sky", "tree"], dim=16).eval()
+
+
+@pytest.mark.parametrize("size", [(24, 32), (20, 20)])
+def test_sliding_window_equals_whole_image_where_the_window_covers_it(size):
+    model = _small_model()
+    names = ["cat", "dog", "sky", "tree"]
+    gen = torch.Generator().manual_seed(1)
+    samples = [{"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=gen),
+                "mask": torch.randint(0, 4, size, generator=gen)} for _ in range(2)]  # fmt: skip
+    ops = get_ops("reference")
+    whole = EvalSettings(groups=3, keep=2, templates=("{}",))
+    slide = EvalSettings(groups=3, keep=2, templates=("{}",), window=32, stride=16)
+    a, b = evaluate(model, samples, names, False, ops, whole), evaluate(model, samples, names, False, ops, slide)
+    for unit in UNITS:
+        assert torch.equal(a.matrices[unit].matrix, b.matrices[unit].matrix), unit
+        assert all(torch.equal(p, q) for p, q in zip(a.predictions[unit], b.predictions[unit], strict=True))
+
+
+def test_an_image_larger_than_the_window_is_scored_window_by_window():
+    names = ["background", "red star", "blue ring"]
+    mask = torch.zeros(23, 37, dtype=torch.long)
+    mask[3:15, 5:20], mask[12:22, 24:35], mask[0, 0] = 1, 2, 255
+    image = mask.clamp(max=2).to(torch.uint8)[None].repeat(3, 1, 1)
+    settings = EvalSettings(background_threshold=0.5, units=("pixel",), window=8, stride=5, keep=1)
+    result = evaluate(OracleModel(names[1:]), [{"image": image, "mask": mask}], names, True, reference_ops, settings)
+    assert len(slide_windows(23, 37, 8, 5)) == 4 * 7 and result.mean_iou() == {"pixel": 100.0}
+    assert result.predictions["pixel"][0].shape == (23, 37)
+
+
+def test_scores_at_the_original_mask_resolution_match_torchmetrics(tmp_path):
+    benchmark_fixtures.build(tmp_path, "voc", shapes=((21, 30), (34, 17), (16, 16)))
+    data = SegmentationFolder(tmp_path, "voc")
+    model = _small_model(3)
+    settings = EvalSettings(background_threshold=0.0, groups=3, keep=3, templates=("{}",), short_side=24,
+                            max_long_side=40, window=16, stride=8, batch_size=4)  # fmt: skip
+    result = evaluate(model, data, data.class_names, True, get_ops("reference"), settings)
+    for unit in UNITS:
+        metric = MulticlassJaccardIndex(len(data.class_names), average="macro", ignore_index=255)
+        for pred, item in zip(result.predictions[unit], data, strict=True):
+            assert pred.shape == item["mask"].shape  # scored at the mask's own size, not the resized one
+            metric.update(pred, item["mask"])
+        assert result.mean_iou()[unit] == pytest.approx(100 * float(metric.compute()), abs=1e-4), unit

@@ -163,8 +163,8 @@ def test_compile_fullgraph():
         ),
         (
             lambda lv, kw: lv.__setitem__(1, (lv[1][0], torch.full((5,), 8), 1.0)),
-            RuntimeError,
-            r"pos values should lie in \[-1, 8\)",
+            ValueError,
+            r"levels\[1\] pos values should lie in \[-1, M = 8\)",
         ),
         (
             lambda lv, kw: lv.__setitem__(1, (*lv[1][:2], "heavy")),

@@ -4,6 +4,7 @@ import io
 import json
 import tarfile
 
+import benchmark_fixtures
 import numpy as np
 import pytest
 import torch
@@ -15,11 +16,8 @@ from mgccl_ops.data.pairs import ImageTextFolder, PairList, TarShards, expand_sh
 from mgccl_ops.data.segmentation import SegmentationFolder
 
 
-def _png_bytes(array: np.ndarray, palette: bool = False) -> bytes:
+def _png_bytes(array: np.ndarray) -> bytes:
     img = Image.fromarray(array)
-    if palette:  # a grey image given a palette becomes a palette image with the same indices
-        img.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
-        assert img.mode == "P"
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -111,35 +109,72 @@ def test_tar_shards_group_members_by_key(tmp_path):
     assert len(TarShards(str(tmp_path), size=8).paths) == 3
 
 
-def _voc_fixture(root, stored_masks):
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "SegmentationClass").mkdir()
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    ids = []
-    for i, mask in enumerate(stored_masks):
-        Image.fromarray(_rgb(i, mask.shape[0])).save(root / "JPEGImages" / f"im{i}.jpg")
-        (root / "SegmentationClass" / f"im{i}.png").write_bytes(_png_bytes(mask, palette=True))
-        ids.append(f"im{i}")
-    (root / "JPEGImages" / "bad.jpg").write_bytes(b"nope")
-    (root / "SegmentationClass" / "bad.png").write_bytes(_png_bytes(stored_masks[0]))
-    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids + ["bad", "absent"]) + "\n")
+def _expected_labels(benchmark: str, stored: np.ndarray) -> np.ndarray:
+    """Each benchmark's evaluation labels, written out independently of the reader."""
+    s = stored.astype(np.int64)
+    if benchmark in ("voc20", "context59", "ade20k"):
+        return np.where((s == 0) | (s == 255), 255, s - 1)
+    if benchmark == "cityscapes":
+        train = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+        return np.vectorize(lambda v: train.get(int(v), 255))(s)
+    return s
 
 
-def test_segmentation_folder_reads_palette_masks_with_voc_conventions(tmp_path):
-    stored = np.array([[0, 1, 15, 255], [20, 0, 0, 3]] * 2, dtype=np.uint8)
-    _voc_fixture(tmp_path, [stored])
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_every_benchmark_layout_reads_at_original_size(tmp_path, benchmark):
+    stored = benchmark_fixtures.build(tmp_path, benchmark)
+    data = SegmentationFolder(tmp_path, benchmark)
+    assert len(data) == len(stored) and not data.skipped
+    for item, mask in zip(data, stored, strict=True):
+        assert item["image"].shape == (3, *mask.shape) and item["image"].dtype == torch.uint8
+        assert torch.equal(item["mask"], torch.from_numpy(_expected_labels(benchmark, mask)))
+    assert data.class_names == list(get_benchmark(benchmark).class_names)
+
+
+def test_voc_skips_missing_and_corrupt_samples_and_reads_palette_indices(tmp_path):
+    stored = benchmark_fixtures.build(tmp_path, "voc")
+    (tmp_path / "JPEGImages" / "bad.jpg").write_bytes(b"nope")
+    benchmark_fixtures.save_mask(tmp_path / "SegmentationClass" / "bad.png", stored[0])
+    split = tmp_path / "ImageSets" / "Segmentation" / "val.txt"
+    split.write_text(split.read_text() + "bad\nabsent\n")
     voc = SegmentationFolder(tmp_path, "voc", split="val")
-    assert len(voc) == 1 and voc.skipped == {"corrupt_image": 1, "missing_file": 1}
-    item = voc[0]
-    assert item["image"].shape == (3, 4, 4) and torch.equal(item["mask"], torch.from_numpy(stored).long())
+    assert len(voc) == 2 and voc.skipped == {"corrupt_image": 1, "missing_file": 1}
+    with Image.open(tmp_path / "SegmentationClass" / "img0.png") as png:
+        assert png.mode == "P"  # palette PNG as VOC ships; its indices are the labels
+    assert torch.equal(voc[0]["mask"], torch.from_numpy(stored[0]).long())
     assert voc.class_names[0] == "background" and voc.class_names[15] == "person"
-    voc20 = SegmentationFolder(tmp_path, "voc20")
-    expect = np.where(stored == 0, 255, np.where(stored == 255, 255, stored.astype(int) - 1))
-    assert torch.equal(voc20[0]["mask"], torch.from_numpy(expect))
-    assert voc20.class_names[14] == "person"
-    resized = SegmentationFolder(tmp_path, "voc", size=8)[0]
-    assert resized["image"].shape == (3, 8, 8) and resized["mask"].shape == (8, 8)
-    assert set(resized["mask"].unique().tolist()) == {0, 1, 3, 15, 20, 255}
+    assert SegmentationFolder(tmp_path, "voc20").class_names[14] == "person"
+
+
+def test_rgb_mask_is_an_error_naming_the_file(tmp_path):
+    stored = benchmark_fixtures.build(tmp_path, "voc")
+    rgb = tmp_path / "SegmentationClass" / "img1.png"
+    Image.fromarray(np.stack([stored[1]] * 3, -1)).save(rgb)  # was: channel 0 kept, scored 100
+    with pytest.raises(ValueError, match=r"mask .*img1\.png is a 'RGB' image.*single-channel class ids"):
+        SegmentationFolder(tmp_path, "voc")
+
+
+@pytest.mark.parametrize(("benchmark", "value"), [("voc", 21), ("ade20k", 151), ("cityscapes", 34)])
+def test_values_that_are_not_class_ids_are_an_error_naming_the_file(tmp_path, benchmark, value):
+    benchmark_fixtures.build(tmp_path, benchmark)
+    data = SegmentationFolder(tmp_path, benchmark)
+    path = data.items[0][1]
+    with Image.open(path) as png:
+        bad = np.asarray(png).copy()
+    bad[0, 0] = value
+    benchmark_fixtures.save_mask(path, bad)
+    with pytest.raises(ValueError, match=rf"{path.name}: label values \[{value}\] are not {benchmark} class ids"):
+        data[0]
+
+
+def test_missing_split_file_or_folder_is_an_error(tmp_path):
+    benchmark_fixtures.build(tmp_path / "voc", "voc")
+    with pytest.raises(FileNotFoundError, match=r"split file not found: .*ImageSets/Segmentation/test\.txt"):
+        SegmentationFolder(tmp_path / "voc", "voc", split="test")  # was: every mask scored silently
+    benchmark_fixtures.build(tmp_path / "ade", "ade20k")
+    with pytest.raises(FileNotFoundError, match=r"ade20k folder not found: .*images/training"):
+        SegmentationFolder(tmp_path / "ade", "ade20k", split="training")
 
 
 def test_benchmark_conventions():
@@ -149,9 +184,11 @@ def test_benchmark_conventions():
     for name, bench in BENCHMARKS.items():
         assert len(set(bench.class_names)) == len(bench.class_names), name
         assert bench.has_background == (bench.class_names[0] == "background"), name
-    ade = get_benchmark("ade20k").convert_mask(torch.tensor([[0, 1, 150, 151]]))
+    ade = get_benchmark("ade20k").convert_mask(torch.tensor([[0, 1, 150, 255]]))
     assert ade.tolist() == [[255, 0, 149, 255]]
-    city = get_benchmark("cityscapes").convert_mask(torch.tensor([[0, 18, 19, 255]]))
-    assert city.tolist() == [[0, 18, 255, 255]]
+    city = get_benchmark("cityscapes").convert_mask(torch.tensor([[0, 7, 33, 255, 6]]))
+    assert city.tolist() == [[255, 0, 18, 255, 255]]
+    with pytest.raises(ValueError, match=r"label values \[151\]"):
+        get_benchmark("ade20k").convert_mask(torch.tensor([[151]]))
     with pytest.raises(ValueError, match="unknown benchmark 'pascal'"):
         get_benchmark("pascal")

@@ -87,6 +87,19 @@ def test_threshold_extremes_and_tiny_images():
         assert torch.equal(mgccl_ops.region_auto_threshold(feat.cuda()).cpu(), cpu)
 
 
+@pytest.mark.parametrize("linkage", ["single", "average"])
+def test_non_finite_features_equal_cpu(linkage):
+    """NaN / inf pixels give NaN similarities: never picked or merged, left out of "auto"."""
+    feat = images(3, 8, 48, seed=11)
+    feat[0, :, 5, 7] = float("nan")
+    feat[1, 2, 10:12, 3:30] = float("inf")
+    feat[2] = float("nan")  # every edge NaN: threshold +inf
+    cpu = mgccl_ops.region_auto_threshold(feat)
+    assert torch.equal(mgccl_ops.region_auto_threshold(feat.cuda()).cpu(), cpu)
+    assert cpu[2] == float("inf")
+    assert_same_labels(*merge_both(feat, "auto", linkage=linkage))
+
+
 @settings(deadline=None, max_examples=25)
 @given(
     st.integers(1, 6),

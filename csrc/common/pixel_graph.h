@@ -82,12 +82,12 @@ MGCCL_HOST_DEVICE inline acc_t channel_products(const scalar_t* feat, int64_t ch
   return sum;
 }
 
-// Cosine similarity from a dot product and two norms, clamped to [-1, 1]; 0 when a norm is 0.
-// NaN stays NaN (it never passes a threshold).
+// Cosine similarity from a dot product and two norms, clamped to [-1, 1]; 0 when a norm is 0;
+// NaN when a feature is not finite (a NaN similarity never merges).
 template <typename acc_t>
 MGCCL_HOST_DEVICE inline acc_t cosine(acc_t dot, acc_t norm_a, acc_t norm_b) {
   const acc_t denominator = exact_mul(norm_a, norm_b);
-  if (!(denominator > 0)) return acc_t(0);
+  if (denominator == acc_t(0)) return acc_t(0);
   const acc_t c = exact_div(dot, denominator);
   if (c < acc_t(-1)) return acc_t(-1);
   if (c > acc_t(1)) return acc_t(1);

@@ -77,6 +77,8 @@ class AverageLinkage {
   }
 
   void offer(int32_t r, int32_t neighbour, acc_t s) {
+    // A NaN similarity (a non-finite feature) is never picked, as no threshold admits it.
+    if (s != s) return;
     const Key key = pick_key(s, neighbour);
     if (key > best_[r]) best_[r] = key;
   }

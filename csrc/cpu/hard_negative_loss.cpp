@@ -186,27 +186,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients(const Inputs& in, acc_t
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
                   const at::Tensor& neg_idx, const at::Tensor& scale) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  check_dim(kOp, "pos", pos, 1);
+  check_queries_and_keys(kOp, q, k);
+  check_row_index(kOp, "pos", pos, q, q.size(0), "q.shape[0]");
   check_dim(kOp, "neg_idx", neg_idx, 2);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_size(kOp, "pos", pos, 0, q.size(0), "q.shape[0]");
-  check_size(kOp, "neg_idx", neg_idx, 0, q.size(0), "q.shape[0]");
-  check_index_dtype(kOp, "pos", pos);
   check_index_dtype(kOp, "neg_idx", neg_idx);
-  check_same_device(kOp, "k", k, q);
-  check_same_device(kOp, "pos", pos, q);
+  check_size(kOp, "neg_idx", neg_idx, 0, q.size(0), "q.shape[0]");
   check_same_device(kOp, "neg_idx", neg_idx, q);
-  check_same_device(kOp, "scale", scale, q);
-  TORCH_CHECK(scale.dim() == 0, kOp, ": scale should be a 0-dim tensor, got shape ",
-              shape_string(scale));
-  const double s = scale.item<double>();
-  TORCH_CHECK(std::isfinite(s), kOp, ": scale should be finite, got ", s);
+  check_scale_metadata(kOp, scale, q);
+  finite_scale(kOp, scale);
   check_index_range(kOp, "pos", pos, -1, k.size(0));
   check_index_range(kOp, "neg_idx", neg_idx, -1, k.size(0));
 }
@@ -216,23 +203,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_nega
     const at::Tensor& scale_t, const std::optional<at::Tensor>& weight, c10::string_view reduction,
     std::array<bool, 3> grad_mask) {
   check_inputs(q, k, pos, neg_idx, scale_t);
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", kOp,
-              ": reduction should be 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
+  check_reduction(kOp, reduction);
+  check_weight(kOp, weight, q);
   const Inputs in(q, k, pos, neg_idx, scale_t);
   const auto acc = accumulation_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
 
-  const at::Tensor valid = in.pos.ge(0).to(acc);
-  at::Tensor w = valid;
-  if (weight.has_value()) {
-    check_dim(kOp, "weight", *weight, 1);
-    check_size(kOp, "weight", *weight, 0, in.n, "q.shape[0]");
-    check_same_device(kOp, "weight", *weight, q);
-    w = weight->to(acc) * valid;
-  }
+  const at::Tensor w = row_weights(weight, in.pos, acc);
   const bool fuse_gradients = reduction != "none" && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-  const double total_weight = reduction == "mean" ? w.sum().item<double>() : 1.0;
-  const at::Tensor c_rows = total_weight == 0.0 ? at::zeros_like(w) : (w / total_weight);
+  bool zero_mean = false;
+  const at::Tensor c_rows = row_coefficients(w, in.pos, reduction, &zero_mean).contiguous();
 
   at::Tensor dots = at::empty({in.n, in.entries}, acc_opts);
   at::Tensor row_lse = at::empty({in.n}, acc_opts);
@@ -253,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_nega
   if (reduction == "none") {
     loss = weight.has_value() ? row_loss * w : row_loss.clone();  // outputs must not alias
   } else {
-    loss = reduction == "sum" ? (row_loss * w).sum() : (row_loss * c_rows).sum();
+    // A mean over a total weight of exactly 0 is 0, even where a row loss is not finite.
+    loss = zero_mean ? at::zeros({}, acc_opts) : (row_loss * c_rows).sum();
   }
   return {loss, row_loss, gq, gk, gs};
 }

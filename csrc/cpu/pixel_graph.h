@@ -32,6 +32,7 @@ struct PixelGraph {
         norm(grid_in.pixels(), acc_t(0)),
         sim(grid_in.directions * grid_in.pixels(), acc_t(0)) {
     const int64_t n = grid.pixels();
+    if (n == 0) return;  // no pixels, no edges (offsets are meaningless for a width of 0)
     // A chunk of pixels at a time, kChannelGroup channels at a time: the chunk's sums (and rows)
     // stay in cache while each channel's segment of the features is read contiguously (plus a
     // row of halo for the edges that leave the chunk), and each sum is updated once per group.

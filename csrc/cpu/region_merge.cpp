@@ -28,12 +28,15 @@ namespace {
 
 // The automatic threshold of one image from its edge similarities; +inf without edges.
 // Medians (the lower one of an even count) and deviations are taken in the similarities' own
-// dtype, as the reference does.
+// dtype, as the reference does. NaN similarities (edges touching a non-finite feature) are left
+// out: they never merge, and the statistics describe the image's other edges.
 template <typename acc_t>
 double image_auto_threshold(const PixelGraph<acc_t>& graph) {
   std::vector<acc_t> values;
   values.reserve(graph.grid.directions * graph.grid.pixels());
-  graph.for_each_edge([&values](int32_t, int32_t, acc_t s) { values.push_back(s); });
+  graph.for_each_edge([&values](int32_t, int32_t, acc_t s) {
+    if (!std::isnan(s)) values.push_back(s);
+  });
   if (values.empty()) return std::numeric_limits<double>::infinity();
   const size_t middle = (values.size() - 1) / 2;
   const acc_t median = kth_smallest(values, middle, acc_t(-1), acc_t(1));

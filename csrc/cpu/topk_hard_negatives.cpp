@@ -40,13 +40,18 @@ bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 // to a reservoir of 2 * num slots; when it fills, nth_element keeps the best num and the bar
 // rises to the num-th best similarity. Keys arrive in ascending order, so a later key equal to
 // the bar loses to the kept one (ties: smaller index) and only strictly larger values enter.
-// NaN and -inf similarities never beat the bar, so they are never selected.
+// Until the reservoir first fills, every similarity but NaN enters (-inf included: a key of
+// similarity -inf is allowed and returned); NaN never compares above the bar, so it is never
+// selected.
 template <typename acc_t>
 class RowSelection {
  public:
   RowSelection(Candidate<acc_t>* reservoir, int64_t num) : reservoir_(reservoir), num_(num) {}
 
   acc_t bar() const { return bar_; }
+  // Whether v may enter: v >= -inf (not NaN) while the reservoir has never filled, else v > bar.
+  bool open() const { return open_; }
+  bool admits(acc_t v) const { return open_ ? v >= bar_ : v > bar_; }
 
   void add(acc_t v, int64_t j) {
     reservoir_[size_++] = {v, j};
@@ -54,6 +59,7 @@ class RowSelection {
       std::nth_element(reservoir_, reservoir_ + num_ - 1, reservoir_ + size_, better<acc_t>);
       size_ = num_;
       bar_ = reservoir_[num_ - 1].value;
+      open_ = false;
     }
   }
 
@@ -72,6 +78,7 @@ class RowSelection {
   int64_t num_;
   int64_t size_ = 0;
   acc_t bar_ = -std::numeric_limits<acc_t>::infinity();
+  bool open_ = true;
 };
 
 // Which keys row i may return: not its positive, not a key of its group.
@@ -94,16 +101,17 @@ void scan_row(const acc_t* s, int64_t j0, int64_t keys, int64_t row, const Exclu
   constexpr int64_t kRun = 16;
   const int64_t positive = ex.positive(row);
   const int64_t group = ex.q_group ? ex.q_group[row] : 0;
-  acc_t bar = selection.bar();
   for (int64_t c0 = 0; c0 < keys; c0 += kRun) {
     const int64_t c1 = std::min(c0 + kRun, keys);
-    bool any_above = false;
-    for (int64_t c = c0; c < c1; ++c) any_above |= s[c] > bar;
-    if (!any_above) continue;
+    if (!selection.open()) {
+      const acc_t bar = selection.bar();
+      bool any_above = false;
+      for (int64_t c = c0; c < c1; ++c) any_above |= s[c] > bar;
+      if (!any_above) continue;
+    }
     for (int64_t c = c0; c < c1; ++c) {
-      if (s[c] > bar && ex.allowed(j0 + c, positive, group)) {
+      if (selection.admits(s[c]) && ex.allowed(j0 + c, positive, group)) {
         selection.add(s[c], j0 + c);
-        bar = selection.bar();
       }
     }
   }
@@ -149,35 +157,19 @@ void select_top(const at::Tensor& q, const at::Tensor& k_acc, const Exclusions& 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, int64_t num,
                   const std::optional<at::Tensor>& pos, const std::optional<at::Tensor>& q_group,
                   const std::optional<at::Tensor>& k_group) {
-  check_dim(kOp, "q", q, 2);
-  check_dim(kOp, "k", k, 2);
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), kOp, ": q should be a floating tensor, got ",
-              q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": k has dtype ", k.scalar_type(),
-              " but q has dtype ", q.scalar_type());
-  check_size(kOp, "k", k, 1, q.size(1), "q.shape[1]");
-  check_same_device(kOp, "k", k, q);
+  check_queries_and_keys(kOp, q, k);
   const int64_t n = q.size(0), m = k.size(0);
   TORCH_CHECK(num >= 0 && num <= m, kOp, ": num should lie in [0, M = ", m, "], got ", num);
   if (pos.has_value()) {
-    check_dim(kOp, "pos", *pos, 1);
-    check_index_dtype(kOp, "pos", *pos);
-    check_size(kOp, "pos", *pos, 0, n, "q.shape[0]");
-    check_same_device(kOp, "pos", *pos, q);
+    check_row_index(kOp, "pos", *pos, q, n, "q.shape[0]");
     check_index_range(kOp, "pos", *pos, -1, m);
   }
   TORCH_CHECK(q_group.has_value() == k_group.has_value(), kOp,
               ": q_group and k_group should be given together, got only ",
               q_group.has_value() ? "q_group" : "k_group");
   if (q_group.has_value()) {
-    check_dim(kOp, "q_group", *q_group, 1);
-    check_dim(kOp, "k_group", *k_group, 1);
-    check_index_dtype(kOp, "q_group", *q_group);
-    check_index_dtype(kOp, "k_group", *k_group);
-    check_size(kOp, "q_group", *q_group, 0, n, "q.shape[0]");
-    check_size(kOp, "k_group", *k_group, 0, m, "k.shape[0]");
-    check_same_device(kOp, "q_group", *q_group, q);
-    check_same_device(kOp, "k_group", *k_group, q);
+    check_row_index(kOp, "q_group", *q_group, q, n, "q.shape[0]");
+    check_row_index(kOp, "k_group", *k_group, q, m, "k.shape[0]");
   }
 }
 

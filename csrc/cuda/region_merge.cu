@@ -168,15 +168,23 @@ __global__ void histogram_kernel(const acc_t* values, int64_t batch, int64_t per
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= batch * per_image) return;
   const int64_t b = e / per_image;
-  atomicAdd(counts + b * kOrderBins + order_bin(values[e], low, scale), 1);
+  const acc_t v = values[e];
+  if (v != v) return;  // NaN similarities are left out, as on the CPU
+  atomicAdd(counts + b * kOrderBins + order_bin(v, low, scale), 1);
 }
 
-// One thread per image: the bin holding its k-th value and the count below it.
-__global__ void target_bin_kernel(const int32_t* counts, int64_t batch, int64_t k, int32_t* target,
-                                  int64_t* before) {
+// One thread per image: the bin holding its k[b]-th value and the count below it; target -1
+// for an image without values (k[b] < 0).
+__global__ void target_bin_kernel(const int32_t* counts, int64_t batch, const int64_t* k,
+                                  int32_t* target, int64_t* before) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
-  target[b] = target_bin(counts + b * kOrderBins, k, before + b);
+  if (k[b] < 0) {
+    target[b] = -1;
+    before[b] = 0;
+    return;
+  }
+  target[b] = target_bin(counts + b * kOrderBins, k[b], before + b);
 }
 
 // Copies each image's values of its target bin to candidates [B, width] (padded beforehand).
@@ -188,13 +196,15 @@ __global__ void gather_bin_kernel(const acc_t* values, int64_t batch, int64_t pe
   if (e >= batch * per_image) return;
   const int64_t b = e / per_image;
   const acc_t v = values[e];
-  if (order_bin(v, low, scale) != target[b]) return;
+  if (v != v || order_bin(v, low, scale) != target[b]) return;
   const int32_t slot = atomicAdd(fill + b, 1);
   candidates[b * width + slot] = v;
 }
 
-// The k-th smallest of every row of values [B, E] (acc dtype, E > k), exactly: [B] acc.
-at::Tensor kth_smallest_rows(const at::Tensor& values, int64_t k, double low, double high) {
+// The k[b]-th smallest of the non-NaN values of every row b of values [B, E] (acc dtype), exactly:
+// [B] acc (undefined where k[b] < 0: no values).
+at::Tensor kth_smallest_rows(const at::Tensor& values, const at::Tensor& k, double low,
+                             double high) {
   const int64_t batch = values.size(0), per_image = values.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto int_opts = values.options().dtype(at::kInt);
@@ -209,12 +219,13 @@ at::Tensor kth_smallest_rows(const at::Tensor& values, int64_t k, double low, do
     histogram_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         values.data_ptr<scalar_t>(), batch, per_image, lo, scale, counts.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    target_bin_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(counts.data_ptr<int32_t>(), batch,
-                                                                  k, target.data_ptr<int32_t>(),
-                                                                  before.data_ptr<int64_t>());
+    target_bin_kernel<<<blocks_for(batch), kThreads, 0, stream>>>(
+        counts.data_ptr<int32_t>(), batch, k.data_ptr<int64_t>(), target.data_ptr<int32_t>(),
+        before.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor in_bin = counts.gather(1, target.to(at::kLong).unsqueeze(1)).squeeze(1);
-    const int64_t width = in_bin.max().item<int32_t>();
+    const at::Tensor in_bin =
+        counts.gather(1, target.clamp_min(0).to(at::kLong).unsqueeze(1)).squeeze(1);
+    const int64_t width = std::max<int64_t>(1, in_bin.max().item<int32_t>());
     at::Tensor candidates =
         at::full({batch, width}, std::numeric_limits<scalar_t>::infinity(), values.options());
     at::Tensor fill = at::zeros({batch}, int_opts);
@@ -223,7 +234,7 @@ at::Tensor kth_smallest_rows(const at::Tensor& values, int64_t k, double low, do
         fill.data_ptr<int32_t>(), width, candidates.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor sorted = std::get<0>(candidates.sort(1));
-    result = sorted.gather(1, (-before + k).unsqueeze(1)).squeeze(1);
+    result = sorted.gather(1, (k - before).clamp_min(0).unsqueeze(1)).squeeze(1);
   });
   return result;
 }
@@ -245,8 +256,8 @@ __global__ void threshold_rule_kernel(const acc_t* median, const acc_t* mad, int
   out[b] = auto_threshold_rule(static_cast<double>(median[b]), static_cast<double>(mad[b]));
 }
 
-// Per image: median(s) - 1.4826 MAD(s) over its edge similarities (graph.sim), +inf without
-// edges. [B] float64.
+// Per image: median(s) - 1.4826 MAD(s) over its edge similarities (graph.sim) that are not NaN,
+// +inf without such edges. [B] float64.
 at::Tensor auto_thresholds(const BatchGraph& graph, const Grid& grid, int64_t batch) {
   const int64_t n = grid.pixels();
   const at::Tensor mask = edge_mask(grid, graph.sim.options()).reshape({-1});  // [dirs * n]
@@ -262,7 +273,9 @@ at::Tensor auto_thresholds(const BatchGraph& graph, const Grid& grid, int64_t ba
                                 .reshape({batch, grid.directions * n})
                                 .index_select(1, edges)
                                 .contiguous();
-  const int64_t middle = (per_image - 1) / 2;
+  // The lower median of each image's non-NaN values: k = (count - 1) / 2, -1 without values.
+  const at::Tensor count = values.isnan().logical_not().sum(1);
+  const at::Tensor middle = (count - 1).div(2, "floor").contiguous();
   const at::Tensor median = kth_smallest_rows(values, middle, -1.0, 1.0).contiguous();
   at::Tensor deviation = at::empty_like(values);
   at::Tensor out = at::empty({batch}, values.options().dtype(at::kDouble));
@@ -277,7 +290,8 @@ at::Tensor auto_thresholds(const BatchGraph& graph, const Grid& grid, int64_t ba
         median.data_ptr<scalar_t>(), mad.data_ptr<scalar_t>(), batch, out.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  // +inf for an image without (non-NaN) edges.
+  return out.masked_fill_(count.eq(0), std::numeric_limits<double>::infinity());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,7 +428,7 @@ __device__ inline void offer_pick(unsigned long long* best, int32_t r, PickKey32
 __global__ void pick_kernel(const int32_t* a, const int32_t* b, const float* sim, int64_t edges,
                             unsigned long long* best) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= edges) return;
+  if (e >= edges || sim[e] != sim[e]) return;  // NaN is never picked (no threshold admits it)
   offer_pick(best, a[e], pick_key(sim[e], b[e]));
   offer_pick(best, b[e], pick_key(sim[e], a[e]));
 }
@@ -423,7 +437,7 @@ __global__ void pick_kernel(const int32_t* a, const int32_t* b, const float* sim
 __global__ void pick_sim_kernel(const int32_t* a, const int32_t* b, const double* sim,
                                 int64_t edges, unsigned long long* best_sim) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= edges) return;
+  if (e >= edges || sim[e] != sim[e]) return;
   const PickKey64 key = pick_key(sim[e], 0);
   atomicMax(best_sim + a[e], static_cast<unsigned long long>(key.sim_bits));
   atomicMax(best_sim + b[e], static_cast<unsigned long long>(key.sim_bits));
@@ -434,7 +448,7 @@ __global__ void pick_name_kernel(const int32_t* a, const int32_t* b, const doubl
                                  int64_t edges, const unsigned long long* best_sim,
                                  unsigned int* best_name) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= edges) return;
+  if (e >= edges || sim[e] != sim[e]) return;
   const PickKey64 for_a = pick_key(sim[e], b[e]), for_b = pick_key(sim[e], a[e]);
   if (for_a.sim_bits == best_sim[a[e]]) atomicMax(best_name + a[e], for_a.name);
   if (for_b.sim_bits == best_sim[b[e]]) atomicMax(best_name + b[e], for_b.name);

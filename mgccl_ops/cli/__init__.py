@@ -1,4 +1,4 @@
-"""The ``mgccl`` command: ``demo``, ``train``, ``eval`` and ``bench``."""
+"""The ``mgccl`` command: ``demo``, ``train``, ``eval``, ``export`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import demo, evaluate, train
+from . import demo, evaluate, export, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mgccl`` (``bench`` is parsed by the benchmark harness)."""
     parser = argparse.ArgumentParser(prog="mgccl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in (("demo", demo), ("train", train), ("eval", evaluate)):
+    for name, module in (("demo", demo), ("train", train), ("eval", evaluate), ("export", export)):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
@@ -30,4 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except (OSError, ValueError) as error:
+        # Bad paths, files and settings: one line naming the path or value, not a traceback.
+        raise SystemExit(f"mgccl {args.command}: {error}") from None

@@ -13,6 +13,8 @@ from ..train import checkpoint
 def load_model(path: str) -> nn.Module:
     """The model stored in a training checkpoint, in eval mode on the CPU."""
     state = checkpoint.load(path)
+    if "model" not in state or "model_spec" not in state:
+        raise ValueError(f"checkpoint {path} holds no model (no 'model' / 'model_spec'); is it from mgccl train?")
     model = build_model(state["model_spec"])
     model.load_state_dict(state["model"])
     return model.eval()

@@ -14,102 +14,184 @@ from pathlib import Path
 
 import torch
 
-from ..backends import BACKENDS
 from ..data.benchmarks import BENCHMARKS
 from ..data.entities import ConceptVocabulary
 from ..data.pairs import ImageTextFolder, PairList, TarShards
 from ..models import OpenClipDualEncoder, SmallDualEncoder, split_words
 from ..train import checkpoint
-from ..train.config import TrainConfig
+from ..train.config import RUN_FIELDS, TrainConfig
 from ..train.objective import ObjectiveConfig
 from ..train.trainer import train
+from .options import RecordedStore, add_field_options, given_options, read_config_file, training_fields
+
+# Options that may change when a run is resumed; any other given option must equal the saved one.
+RESUME_MAY_CHANGE = ("steps", "progress", "workers", "device", "log_every", "checkpoint_every", "tensorboard")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int) -> None:
-    """Options shared by ``train`` and ``demo``."""
-    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="pairs per step (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
-    parser.add_argument("--backend", choices=BACKENDS, default="fused",
-                        help="ops: fused kernels or the plain-PyTorch reference (default %(default)s)")  # fmt: skip
-    parser.add_argument("--hard-negatives", type=int, default=32,
-                        help="mined negatives per part/pixel row (default %(default)s)")  # fmt: skip
-    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="autocast")
-    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    """Options shared by ``train`` and ``demo``: every ``TrainConfig`` field except ``out_dir``
+    and the data and model options (:data:`RUN_FIELDS`), and every ``ObjectiveConfig`` field."""
+    train_names, objective_names = training_fields(exclude=("out_dir", *RUN_FIELDS))
+    defaults = {"steps": steps, "batch_size": batch_size}
+    add_field_options(parser.add_argument_group("training"), TrainConfig, train_names, defaults)
+    add_field_options(parser.add_argument_group("objective"), ObjectiveConfig, objective_names, {})
 
 
-def config_from_args(args: argparse.Namespace, out_dir: str, object_only: bool = False) -> TrainConfig:
-    """A ``TrainConfig`` from the shared options."""
-    weights = {"part_weight": 0.0, "pixel_weight": 0.0} if object_only else {}
-    return TrainConfig(
-        out_dir=out_dir,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        backend=args.backend,
-        objective=ObjectiveConfig(hard_negatives=args.hard_negatives, **weights),
-        amp=args.amp,
-        device=args.device,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
+def config_from_args(
+    args: argparse.Namespace, out_dir: str, object_only: bool = False, file: dict | None = None
+) -> TrainConfig:
+    """A ``TrainConfig`` from the options: each field from the command line if given there,
+    else from the config ``file`` (a ``TrainConfig.to_dict()``-shaped dict) if it has it,
+    else the option's default."""
+    given, file = given_options(args), dict(file or {})
+    file_objective = file.pop("objective", None) or {}
+    train_names, objective_names = training_fields(exclude=("out_dir",))
+
+    def value(name: str, from_file: dict):
+        if name not in given and name in from_file:
+            return from_file[name]
+        return getattr(args, name, None)
+
+    values = {n: value(n, file) for n in train_names if hasattr(args, n) or n in file}
+    values = {n: v for n, v in values.items() if v is not None}
+    objective = {n: value(n, file_objective) for n in objective_names}
+    if object_only:
+        objective.update(part_weight=0.0, pixel_weight=0.0)
+    return TrainConfig(out_dir=out_dir, objective=ObjectiveConfig(**objective), **values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mgccl train``."""
-    parser.add_argument("--out-dir", default="runs/train", help="checkpoint and log folder (default %(default)s)")
-    parser.add_argument("--data", default="synthetic", help="synthetic | folder:PATH | shards:SPEC")
-    parser.add_argument("--concepts", help="concept vocabulary file for entity phrases of real captions")
-    parser.add_argument("--limit", type=int, help="read at most this many real pairs")
-    parser.add_argument("--model", default="small", help="small | open_clip:ARCH (e.g. open_clip:ViT-B-16)")
-    parser.add_argument("--image-size", type=int, default=96, help="side images are resized to")
+    parser.add_argument("--out-dir", default="runs/train", action=RecordedStore,
+                        help="checkpoint and log folder (default %(default)s)")  # fmt: skip
+    parser.add_argument("--config", help="JSON or TOML file of training options (TrainConfig.to_dict() layout); "
+                        "options given on the command line win")  # fmt: skip
     parser.add_argument("--objective", choices=("full", "object"), default="full",
                         help="all three levels, or the object-level-only ablation")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/checkpoint.pt with its saved settings (--steps may extend "
-                             "the run; unchanged, the result equals an uninterrupted run)")  # fmt: skip
+                        help="continue the run in OUT_DIR with its saved options, data and model (--steps may "
+                             "extend it; unchanged, the result equals an uninterrupted run)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one")
+    run_group = parser.add_argument_group("data and model (restored by --resume)")
+    add_field_options(run_group, TrainConfig, [n for n in RUN_FIELDS if n != "image_size"], {})
+    run_group.add_argument("--image-size", type=int, action=RecordedStore,
+                           help="side images are resized to (default: the model's; small: 96)")  # fmt: skip
     add_training_arguments(parser, steps=400, batch_size=32)
 
 
 def _concepts(path: str | None) -> ConceptVocabulary:
     if path is None:
         return ConceptVocabulary(n for b in BENCHMARKS.values() for n in b.class_names if n != "background")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"concepts file not found: {path}")
     lines = Path(path).read_text().splitlines()
     return ConceptVocabulary(line.strip() for line in lines if line.strip())
 
 
+def _given_values(args: argparse.Namespace, file: dict) -> dict:
+    """``{field: value}`` of the options the command line or the config file gave
+    (objective fields under ``objective``); ``--objective object`` as its two weights."""
+    given = given_options(args)
+    train_names, objective_names = training_fields(exclude=("out_dir",))
+    values = {n: file[n] for n in train_names if n in file}
+    values.update({n: getattr(args, n) for n in train_names if n in given})
+    objective = dict(file.get("objective") or {})
+    objective.update({n: getattr(args, n) for n in objective_names if n in given})
+    if args.objective == "object":
+        objective.update(part_weight=0.0, pixel_weight=0.0)
+    return {**values, "objective": objective}
+
+
+def _resumed_config(args: argparse.Namespace, out: Path, file: dict) -> TrainConfig:
+    """The saved run's configuration with the options that may change applied; a given option
+    that differs from the saved one is refused."""
+    ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise SystemExit(f"mgccl train: --resume: no run to resume in {out} ({ckpt} not found)")
+    cfg = TrainConfig.from_dict(checkpoint.load(ckpt)["config"], source=f"checkpoint {ckpt}")
+    given = _given_values(args, file)
+    conflicts = []
+    for name, value in given.pop("objective").items():
+        if getattr(cfg.objective, name) != value:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(cfg.objective, name)})")
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE:
+            setattr(cfg, name, value)
+        elif getattr(cfg, name) != value:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(cfg, name)})")
+    if conflicts:
+        raise SystemExit(
+            f"mgccl train: --resume continues the run in {out} with its saved options; these differ: "
+            + ", ".join(conflicts)
+            + ". Drop them, or start a new run (another --out-dir, or --overwrite)."
+        )
+    cfg.out_dir = str(out)
+    return cfg
+
+
+def _dataset(cfg: TrainConfig) -> PairList | None:
+    """The real image-caption pairs of ``cfg.data`` (None for the built-in data)."""
+    if cfg.data == "synthetic":
+        return None
+    kind, _, where = cfg.data.partition(":")
+    readers = {"folder": ImageTextFolder, "shards": TarShards}
+    if kind not in readers or not where:
+        raise SystemExit(f"mgccl train: --data must be synthetic, folder:PATH or shards:SPEC, got {cfg.data!r}")
+    dataset = PairList(readers[kind](where, size=cfg.image_size, entities=_concepts(cfg.concepts)), cfg.limit)
+    print(f"read {len(dataset)} pairs; skipped {dict(dataset.skipped) or 'none'}")
+    if not len(dataset):
+        raise SystemExit(f"mgccl train: no usable image-caption pairs in {where}")
+    return dataset
+
+
+def _open_clip_model(cfg: TrainConfig) -> OpenClipDualEncoder | None:
+    """The open_clip model of ``cfg.model`` (weights from ``cfg.pretrained``), or None for
+    the small model."""
+    if cfg.model == "small":
+        if cfg.pretrained:
+            raise SystemExit("mgccl train: --pretrained needs --model open_clip:ARCH (the small model has none)")
+        return None
+    kind, _, arch = cfg.model.partition(":")
+    if kind != "open_clip" or not arch:
+        raise SystemExit(f"mgccl train: --model must be small or open_clip:ARCH, got {cfg.model!r}")
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise SystemExit(f"mgccl train: --pretrained file not found: {cfg.pretrained}")
+    return OpenClipDualEncoder.from_name(arch, pretrained=cfg.pretrained)
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one unless ``overwrite``; then clear it."""
+    existing = [p for p in (out / "checkpoint.pt", out / "log.jsonl") if p.exists()]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"mgccl train: {out} already holds a run ({existing[0].name}); "
+            "use --resume to continue it or --overwrite to start over"
+        )
+    for path in existing:
+        path.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``mgccl train``."""
-    if args.resume:
-        cfg = TrainConfig.from_dict(checkpoint.load(Path(args.out_dir) / "checkpoint.pt")["config"])
-        cfg.steps, cfg.progress = args.steps, not args.no_progress
-    else:
-        cfg = config_from_args(args, args.out_dir, object_only=args.objective == "object")
-        cfg.image_size = args.image_size
-    dataset = None
-    if args.data != "synthetic":
-        kind, _, where = args.data.partition(":")
-        readers = {"folder": ImageTextFolder, "shards": TarShards}
-        if kind not in readers or not where:
-            raise SystemExit(f"mgccl train: --data must be synthetic, folder:PATH or shards:SPEC, got {args.data!r}")
-        dataset = PairList(readers[kind](where, size=args.image_size, entities=_concepts(args.concepts)), args.limit)
-        print(f"read {len(dataset)} pairs; skipped {dict(dataset.skipped) or 'none'}")
-        if not len(dataset):
-            raise SystemExit("mgccl train: no usable image-caption pairs")
+    file = read_config_file(args.config) if args.config else {}
+    from_file = "out_dir" in file and "out_dir" not in given_options(args)
+    out = Path(file["out_dir"] if from_file else args.out_dir)
+    if args.resume and args.overwrite:
+        raise SystemExit("mgccl train: --resume and --overwrite exclude each other")
     model = None
-    if not args.resume:
-        if args.model.startswith("open_clip:"):
-            model = OpenClipDualEncoder.from_name(args.model.partition(":")[2])
-        elif args.model != "small":
-            raise SystemExit(f"mgccl train: --model must be small or open_clip:ARCH, got {args.model!r}")
-        elif dataset is not None:
-            words = {w for s in dataset.samples for w in split_words(s["caption"])}
-            torch.manual_seed(cfg.seed)
-            model = SmallDualEncoder(sorted(words), dim=cfg.dim)
+    if args.resume:
+        cfg = _resumed_config(args, out, file)
+    else:
+        _prepare_folder(out, args.overwrite)
+        cfg = config_from_args(args, str(out), object_only=args.objective == "object", file=file)
+        model = _open_clip_model(cfg)
+        if "image_size" not in given_options(args) and "image_size" not in file and model is not None:
+            cfg.image_size = model.image_size
+    dataset = _dataset(cfg)
+    if model is None and not args.resume and dataset is not None:
+        words = {w for s in dataset.samples for w in split_words(s["caption"])}
+        torch.manual_seed(cfg.seed)
+        model = SmallDualEncoder(sorted(words), dim=cfg.dim, checkpoint_activations=cfg.checkpoint_activations)
     train(cfg, resume=args.resume, model=model, dataset=dataset)
-    print(f"checkpoint: {Path(cfg.out_dir) / 'checkpoint.pt'}  log: {Path(cfg.out_dir) / 'log.jsonl'}")
+    print(f"checkpoint: {out / 'checkpoint.pt'}  log: {out / 'log.jsonl'}")
     return 0

@@ -1,9 +1,33 @@
-"""Class-name lists and label conventions of the usual open-vocabulary segmentation benchmarks.
+"""Class-name lists, stored-mask conventions and folder layouts of the usual open-vocabulary
+segmentation benchmarks, as their data sets ship or as mmsegmentation's (and GroupViT's)
+conversion scripts leave them.
 
-Masks are read as stored by the common conversions (palette or grey PNGs of class indices,
-255 = ignore). A benchmark either has a background class (listed first, predicted by a score
-threshold) or not; ``reduce_zero_label`` benchmarks store an "other" label 0 that is ignored
-and shift the rest down by one.
+Per benchmark (``root`` is the folder named first; ``{split}`` the split name):
+
+- ``voc`` / ``voc20``: ``VOCdevkit/VOC2012`` as shipped. ``JPEGImages/<id>.jpg``,
+  ``SegmentationClass/<id>.png`` (palette PNGs: 0 background, 1..20, 255 ignore), ids from
+  ``ImageSets/Segmentation/{split}.txt`` (default ``val``). ``voc20`` drops the background
+  (label 0 ignored, 1..20 -> 0..19).
+- ``context60`` / ``context59``: ``VOCdevkit/VOC2010`` after mmsegmentation's
+  ``tools/dataset_converters/pascal_context.py``. ``JPEGImages/<id>.jpg``,
+  ``SegmentationClassContext/<id>.png`` (grey: 0 background, 1..59), ids from
+  ``ImageSets/SegmentationContext/{split}.txt``. ``context59`` ignores label 0.
+- ``coco_object``: ``coco_stuff164k`` after GroupViT's ``convert_coco_object.py``.
+  ``images/{split}/<id>.jpg``, ``annotations/{split}/<id>_instanceTrainIds.png`` (0
+  background, 1..80 the things, 255 ignore); split folder default ``val2017``.
+- ``coco_stuff``: ``coco_stuff164k`` after mmsegmentation's ``coco_stuff164k.py``.
+  ``images/{split}/<id>.jpg``, ``annotations/{split}/<id>_labelTrainIds.png`` (0..170,
+  255 ignore); split folder default ``val2017``.
+- ``cityscapes``: ``cityscapes`` as shipped. ``leftImg8bit/{split}/<city>/<id>_leftImg8bit.png``,
+  ``gtFine/{split}/<city>/<id>_gtFine_labelIds.png`` (the 34 label ids, mapped here to the
+  19 train ids; every other id is ignored); split folder default ``val``.
+- ``ade20k``: ``ADEChallengeData2016`` as shipped. ``images/{split}/<id>.jpg``,
+  ``annotations/{split}/<id>.png`` (0 ignore, 1..150 -> 0..149); split folder default
+  ``validation``.
+
+A benchmark either has a background class (listed first, predicted by a score threshold)
+or not; ``reduce_zero_label`` benchmarks store an "other" label 0 that is ignored and
+shift the rest down by one.
 """
 
 from __future__ import annotations
@@ -80,43 +104,105 @@ ADE20K_CLASSES = (
 )  # fmt: skip
 
 
+# Cityscapes label id -> train id (cityscapesScripts' labels.py); ids not listed are ignored.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's images and masks are under its root folder.
+
+    Attributes:
+        image_dir, mask_dir: folders (``{split}`` is replaced by the split name).
+        image_suffix, mask_suffix: what follows a sample id in the file names.
+        split_file: the list of sample ids (``{split}`` replaced), or None when the split
+            is the set of masks found in ``mask_dir`` (searched one level deep when
+            ``nested``, e.g. Cityscapes' city folders).
+        default_split: the split scored when none is named.
+        nested: masks sit in sub-folders of ``mask_dir``, mirrored under ``image_dir``.
+    """
+
+    image_dir: str
+    mask_dir: str
+    image_suffix: str
+    mask_suffix: str
+    split_file: str | None
+    default_split: str
+    nested: bool = False
+
+
+VOC_LAYOUT = Layout("JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/{split}.txt", "val")
+CONTEXT_LAYOUT = Layout(
+    "JPEGImages", "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/{split}.txt", "val"
+)
+COCO_OBJECT_LAYOUT = Layout("images/{split}", "annotations/{split}", ".jpg", "_instanceTrainIds.png", None, "val2017")
+COCO_STUFF_LAYOUT = Layout("images/{split}", "annotations/{split}", ".jpg", "_labelTrainIds.png", None, "val2017")
+CITYSCAPES_LAYOUT = Layout(
+    "leftImg8bit/{split}", "gtFine/{split}", "_leftImg8bit.png", "_gtFine_labelIds.png", None, "val", nested=True
+)
+ADE20K_LAYOUT = Layout("images/{split}", "annotations/{split}", ".jpg", ".png", None, "validation")
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """A benchmark's classes and mask convention.
+    """A benchmark's classes, mask convention and folder layout.
 
     Attributes:
         name: key in :data:`BENCHMARKS`.
         class_names: evaluated classes; ``"background"`` first when ``has_background``.
         has_background: class 0 is background, predicted by a score threshold.
+        layout: where images and masks are (see the module docstring).
+        max_stored: the largest label a stored mask may hold besides 255 (ignore).
         reduce_zero_label: stored label 0 is ignored and labels k >= 1 become k - 1.
+        id_map: stored label -> evaluation label for masks that store other ids
+            (Cityscapes label ids); stored labels not in it are ignored.
     """
 
     name: str
     class_names: tuple[str, ...]
     has_background: bool
+    layout: Layout
+    max_stored: int
     reduce_zero_label: bool = False
+    id_map: dict[int, int] | None = None
 
-    def convert_mask(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored label map (int64 [H, W]) -> evaluation labels (0..C-1, 255 = ignore)."""
-        labels = stored.clone()
+    def convert_mask(self, stored: torch.Tensor, source: str = "mask") -> torch.Tensor:
+        """Stored label map (int64 [H, W]) -> evaluation labels (0..C-1, 255 = ignore).
+
+        Raises:
+            ValueError: a label above ``max_stored`` (other than 255) or below 0, naming
+                ``source`` and the offending values.
+        """
+        bad = (stored < 0) | ((stored > self.max_stored) & (stored != IGNORE))
+        if bool(bad.any()):
+            values = sorted(set(stored[bad].unique().tolist()))[:8]
+            raise ValueError(
+                f"{source}: label values {values} are not {self.name} class ids "
+                f"(expected 0..{self.max_stored} or {IGNORE} = ignore)"
+            )
+        if self.id_map is not None:
+            table = torch.full((max(self.max_stored, IGNORE) + 1,), IGNORE, dtype=torch.int64)
+            for stored_id, label in self.id_map.items():
+                table[stored_id] = label
+            return table[stored]
         if self.reduce_zero_label:
-            labels = torch.where(stored == 0, 255, stored - 1)
-            labels[stored == 255] = 255
-        labels[(labels < 0) | (labels >= len(self.class_names))] = 255
-        return labels
+            return torch.where((stored == 0) | (stored == IGNORE), IGNORE, stored - 1)
+        return stored.clone()
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("voc", ("background",) + VOC_CLASSES, True),
-        Benchmark("voc20", VOC_CLASSES, False, reduce_zero_label=True),
-        Benchmark("context60", ("background",) + CONTEXT59_CLASSES, True),
-        Benchmark("context59", CONTEXT59_CLASSES, False, reduce_zero_label=True),
-        Benchmark("coco_object", ("background",) + COCO_OBJECT_CLASSES, True),
-        Benchmark("coco_stuff", COCO_OBJECT_CLASSES + COCO_STUFF_EXTRA, False),
-        Benchmark("cityscapes", CITYSCAPES_CLASSES, False),
-        Benchmark("ade20k", ADE20K_CLASSES, False, reduce_zero_label=True),
+        Benchmark("voc", ("background",) + VOC_CLASSES, True, VOC_LAYOUT, 20),
+        Benchmark("voc20", VOC_CLASSES, False, VOC_LAYOUT, 20, reduce_zero_label=True),
+        Benchmark("context60", ("background",) + CONTEXT59_CLASSES, True, CONTEXT_LAYOUT, 59),
+        Benchmark("context59", CONTEXT59_CLASSES, False, CONTEXT_LAYOUT, 59, reduce_zero_label=True),
+        Benchmark("coco_object", ("background",) + COCO_OBJECT_CLASSES, True, COCO_OBJECT_LAYOUT, 80),
+        Benchmark("coco_stuff", COCO_OBJECT_CLASSES + COCO_STUFF_EXTRA, False, COCO_STUFF_LAYOUT, 170),
+        Benchmark("cityscapes", CITYSCAPES_CLASSES, False, CITYSCAPES_LAYOUT, 33, id_map=CITYSCAPES_TRAIN_IDS),
+        Benchmark("ade20k", ADE20K_CLASSES, False, ADE20K_LAYOUT, 150, reduce_zero_label=True),
     )
 }
 

@@ -35,7 +35,7 @@ def calibrate_background(
         images = torch.stack([s["image"] for s in samples])
         masks = torch.stack([s["mask"] for s in samples])
         dense, _, grid = model.encode_image(images.to(model.logit_scale.device))
-        dense = dense.float().cpu()
+        dense = dense.float()
         for unit in settings.units:
             logits = unit_logits(ops, unit, dense, grid, text, settings, images)
             for matrix, threshold in zip(matrices[unit], candidates, strict=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import batch_logits, image_logits
 from .metrics import ConfusionMatrix
 from .prompts import TEMPLATES, class_embeddings
 from .units import UNITS, adaptive_logits, group_logits, pixel_logits, predict
@@ -33,8 +34,19 @@ class EvalSettings:
             (see :func:`~mgccl_ops.evaluate.units.adaptive_logits`); 0 merges on the
             features alone, on the feature grid.
         templates: prompt templates for the class names.
-        batch_size: images per forward pass.
+        batch_size: images (or sliding windows of one image) per forward pass.
         keep: how many leading images' predictions to return for plotting.
+        short_side, max_long_side: resize each image (bilinear, aspect kept) so its short
+            side is ``short_side`` unless its long side would exceed ``max_long_side``
+            (see :mod:`mgccl_ops.evaluate.inference`); None keeps the image size.
+        window, stride: sliding-window inference with ``window`` x ``window`` crops every
+            ``stride`` pixels (default ``stride = window``); None for whole-image inference.
+        on_prediction: called as ``on_prediction(sample, unit, labels)`` with every
+            sample's predicted labels int64 [H, W] (CPU), e.g. to write them to files.
+
+    Predictions are always upsampled to the mask's own (original) size and scored there.
+    With ``short_side`` and ``window`` both None the images are encoded in batches of equal
+    sizes; otherwise one image at a time.
     """
 
     units: Sequence[str] = UNITS
@@ -46,6 +58,11 @@ class EvalSettings:
     templates: Sequence[str] = TEMPLATES
     batch_size: int = 32
     keep: int = 0
+    short_side: int | None = None
+    max_long_side: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    on_prediction: Callable[[dict, str, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -67,13 +84,13 @@ class EvalResult:
 def text_bank(
     model: nn.Module, named: Sequence[str], has_background: bool, settings: EvalSettings
 ) -> tuple[torch.Tensor, bool]:
-    """Embeddings [T (+1), D] of the named classes (CPU), plus the model's background key
-    as a last row when it is used; returns ``(text, keyed)``."""
-    text = class_embeddings(model, list(named), settings.templates).cpu()
+    """Embeddings [T (+1), D] of the named classes (float32, on the model's device), plus
+    the model's background key as a last row when it is used; returns ``(text, keyed)``."""
+    text = class_embeddings(model, list(named), settings.templates).float()
     key = getattr(model, "background_emb", None)
     keyed = has_background and settings.background_key and key is not None
     if keyed:
-        text = torch.cat([text, F.normalize(key.detach().float().cpu(), dim=-1)[None]])
+        text = torch.cat([text, F.normalize(key.detach().float().to(text.device), dim=-1)[None]])
     return text, keyed
 
 
@@ -108,6 +125,18 @@ def _same_size_runs(samples: list[dict]) -> list[list[dict]]:
     return runs
 
 
+def _accumulate(
+    result: EvalResult, unit: str, pred: torch.Tensor, samples: list[dict], room: int, settings: EvalSettings
+) -> None:
+    """Add predictions [B, H, W] of the samples' masks to the unit's matrix; keep ``room`` of them."""
+    pred = pred.cpu()
+    result.matrices[unit].update(pred, torch.stack([s["mask"] for s in samples]))
+    result.predictions[unit] += list(pred[: max(room, 0)])
+    if settings.on_prediction is not None:
+        for sample, labels in zip(samples, pred, strict=True):
+            settings.on_prediction(sample, unit, labels)
+
+
 def _score(
     model: nn.Module,
     ops: ModuleType,
@@ -118,21 +147,41 @@ def _score(
     settings: EvalSettings,
     result: EvalResult,
 ) -> None:
-    """Predict one batch of equal-size samples with every unit and accumulate the scores."""
-    images = torch.stack([s["image"] for s in samples])
-    masks = torch.stack([s["mask"] for s in samples])
-    dense, _, grid = model.encode_image(images.to(model.logit_scale.device))
-    dense = dense.float().cpu()
+    """Predict a batch of samples with every unit and accumulate the scores: the batch
+    (of one image size) in one pass without the test-time protocol, else one image at a
+    time through :func:`~mgccl_ops.evaluate.inference.image_logits`."""
+
+    def logits_of(unit, dense, grid, images):
+        return unit_logits(ops, unit, dense, grid, text, settings, images)
+
+    images = [s["image"] for s in samples]
+    masks = [s["mask"] for s in samples]
     room = settings.keep - len(result.images)
-    if room > 0:
-        result.images += list(images[:room])
-        result.targets += list(masks[:room])
-    for unit in settings.units:
-        logits = unit_logits(ops, unit, dense, grid, text, settings, images)
-        pred = predict(logits, tuple(masks.shape[-2:]), thresholds[unit], keyed)
-        result.matrices[unit].update(pred, masks)
-        if room > 0:
-            result.predictions[unit] += list(pred[:room])
+    result.images += images[: max(room, 0)]
+    result.targets += masks[: max(room, 0)]
+    if settings.short_side is None and settings.window is None:
+        device = model.logit_scale.device
+        batch = torch.stack(images).to(device)
+        for unit, logits in batch_logits(model, batch, settings.units, logits_of).items():
+            pred = predict(logits, tuple(masks[0].shape[-2:]), thresholds[unit], keyed)
+            _accumulate(result, unit, pred, samples, room, settings)
+        return
+    for i, sample in enumerate(samples):
+        image, mask = sample["image"], sample["mask"]
+        out = image_logits(
+            model,
+            image,
+            settings.units,
+            logits_of,
+            short_side=settings.short_side,
+            max_long_side=settings.max_long_side,
+            window=settings.window,
+            stride=settings.stride,
+            batch_size=settings.batch_size,
+        )
+        for unit, logits in out.items():
+            pred = predict(logits, tuple(mask.shape[-2:]), thresholds[unit], keyed)
+            _accumulate(result, unit, pred, [sample], room - i, settings)
 
 
 @torch.no_grad()

@@ -23,9 +23,10 @@ class ConfusionMatrix:
         if prediction.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
         c = self.num_classes
+        prediction, target = prediction.cpu(), target.cpu()
         keep = (target >= 0) & (target < c)
-        pred = prediction[keep].clamp(0, c - 1).cpu()
-        true = target[keep].cpu()
+        pred = prediction[keep].clamp(0, c - 1)
+        true = target[keep]
         self.matrix += torch.bincount(true * c + pred, minlength=c * c).view(c, c)
 
     def iou(self) -> torch.Tensor:

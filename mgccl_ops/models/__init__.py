@@ -29,5 +29,5 @@ def build_model(spec: dict) -> nn.Module:
             spec["words"], spec["dim"], spec["context_length"], spec.get("checkpoint_activations", False)
         )
     if kind == "open_clip":
-        return OpenClipDualEncoder.from_name(spec["name"])
+        return OpenClipDualEncoder.from_name(spec["name"], dense=spec.get("dense", "tokens"))
     raise ValueError(f"unknown model kind {kind!r}; expected 'small' or 'open_clip'")

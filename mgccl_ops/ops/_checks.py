@@ -57,6 +57,7 @@ def check_index(op: str, name: str, tensor: torch.Tensor, length: int, what: str
 
 
 def check_same_device(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``tensor`` (argument ``name``) is on the device of ``ref`` (argument ``ref_name``)."""
     if tensor.device != ref.device:
         raise ValueError(f"{op}: {name} is on {tensor.device} but {ref_name} is on {ref.device}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, _double_backward
 from mgccl_ops.ops._dtypes import accumulation_dtype
 
 OP = "contrastive_loss"
@@ -45,14 +45,19 @@ def contrastive_loss(
         scale: a float or a 0-dim tensor (e.g. ``logit_scale.exp()``); logits are
             ``scale * <q_i, k_j>``. A tensor that requires grad receives its gradient.
         weight: optional [N] per-row weights (any floating dtype; no gradient flows to it).
-        reduction: "mean" (sum of ``w_i l_i`` over the sum of ``w_i`` of rows with
-            ``pos >= 0``, 0 when that is 0), "sum" or "none".
+            Ignored rows never read theirs (a NaN there changes nothing).
+        reduction: "mean" (sum of ``w_i l_i`` over ``W``, the sum of ``w_i`` of rows with
+            ``pos >= 0`` whatever its sign; 0 with zero gradients only when ``W == 0``
+            exactly; NaN, with NaN gradients, when a weight is NaN), "sum" or "none" (there a
+            NaN weight poisons only its own row's terms).
         symmetric: CLIP's two-sided loss; needs N == M and ``pos`` a permutation of 0..M-1.
             Row i's loss becomes the mean of its row loss and the loss of column ``pos[i]``.
 
     Returns:
         The loss: a 0-dim tensor, or [N] for reduction "none" (0 for ignored rows), in float32
         (float64 for float64 inputs). Gradients reach ``q`` and ``k`` in their dtype.
+        Second-order gradients are not supported: a backward with ``create_graph=True``
+        raises a RuntimeError (docs/ops.md, "Edge cases of the losses").
     """
     scale_t = _checks.scale_tensor(OP, scale, q)
     check_inputs(q, k, pos, scale_t, weight, reduction, symmetric)
@@ -94,6 +99,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
+    _double_backward.refuse_if_building_graph(OP)
     if ctx.reduction == "none":
         q, k, pos, scale, weight, row_lse, col_lse = ctx.saved_tensors
         row_grad = grad_loss if weight is None else grad_loss * weight
@@ -116,3 +122,4 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
 
 
 torch.library.register_autograd("mgccl::contrastive_loss", _backward, setup_context=_setup_context)
+_double_backward.register_refusing_autograd("contrastive_loss_backward", OP)

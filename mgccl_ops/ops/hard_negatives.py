@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mgccl_ops.ops import _checks
+from mgccl_ops.ops import _checks, _double_backward
 from mgccl_ops.ops._dtypes import accumulation_dtype
 
 MINE_OP = "topk_hard_negatives"
@@ -63,8 +63,9 @@ def topk_hard_negatives(
     Returns:
         ``idx`` [N, num] int64 and ``sim`` [N, num] float32 (``<q_i, k_idx>``), sorted by
         similarity descending with ties to the smaller key index; ``-1`` / ``-inf`` where fewer
-        than ``num`` keys are allowed. Keys whose similarity is NaN (non-finite inputs) are never
-        returned. No gradient flows.
+        than ``num`` keys are allowed. A key of similarity ``-inf`` is allowed and returned
+        (told from padding by its index >= 0); keys whose similarity is NaN (non-finite
+        inputs) are never returned. No gradient flows.
     """
     check_mining_inputs(q, k, num, pos, q_group, k_group)
     return torch.ops.mgccl.topk_hard_negatives.default(q.detach(), k.detach(), num, pos, q_group, k_group)
@@ -110,12 +111,17 @@ def hard_negative_loss(
         pos: [N] int64, the positive key of each row, or -1 to ignore the row.
         neg_idx: [N, K] int64 negative keys per row, -1 as padding (``topk_hard_negatives``).
         scale: a float or a 0-dim tensor; a tensor that requires grad receives its gradient.
-        weight: optional [N] per-row weights (no gradient flows to it).
-        reduction: "mean", "sum" or "none", as for :func:`mgccl_ops.contrastive_loss`.
+        weight: optional [N] per-row weights (no gradient flows to it); ignored rows never
+            read theirs.
+        reduction: "mean", "sum" or "none", as for :func:`mgccl_ops.contrastive_loss` (the
+            mean divides by the signed total weight, 0 only when it is exactly 0; a NaN weight
+            makes the mean and every gradient NaN).
 
     Returns:
         The loss: 0-dim, or [N] for "none" (0 for ignored rows), in float32 (float64 for
         float64 inputs). Gradients reach ``q`` and ``k`` (summed over duplicates) in their dtype.
+        Second-order gradients are not supported: a backward with ``create_graph=True``
+        raises a RuntimeError.
     """
     return hard_negative_loss_with_rows(q, k, pos, neg_idx, scale, weight=weight, reduction=reduction)[0]
 
@@ -171,6 +177,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):
+    _double_backward.refuse_if_building_graph(LOSS_OP)
     if ctx.reduction == "none":
         q, k, pos, neg_idx, scale, weight = ctx.saved_tensors
         row_grad = grad_loss if weight is None else grad_loss * weight
@@ -193,3 +200,4 @@ def _backward(ctx, grad_loss, *_unused_output_grads):
 
 
 torch.library.register_autograd("mgccl::hard_negative_loss", _backward, setup_context=_setup_context)
+_double_backward.register_refusing_autograd("hard_negative_loss_backward", LOSS_OP)

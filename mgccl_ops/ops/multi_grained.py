@@ -103,7 +103,8 @@ def multi_grained_loss(
     Args:
         levels: a sequence of ``(q_l [N_l, D], pos_l [N_l] int64, weight_l)`` or
             ``(q_l, pos_l, weight_l, q_group_l [N_l] int64)``; ``pos_l = -1`` ignores a row,
-            ``weight_l`` is a Python float.
+            ``weight_l`` is a Python float. A level without rows that have a positive
+            contributes nothing, whatever its weight (inf and NaN included).
         k: [M, D] keys, same dtype and device as every ``q_l``.
         scale: a float or a 0-dim tensor (logits are ``scale * <q, k>``).
         k_group: optional [M] int64 group of each key. Groups only steer the mining: with
@@ -115,23 +116,57 @@ def multi_grained_loss(
     Returns:
         ``total = sum_l weight_l * mean_loss_l`` (0-dim) and ``per_level`` [L], each level's
         mean loss over its rows with a positive (0 when none), detached; float32 (float64 for
-        float64 inputs). Gradients reach every ``q_l``, ``k`` and a tensor ``scale``.
+        float64 inputs). Gradients reach every ``q_l``, ``k`` and a tensor ``scale``; not
+        second-order ones (``create_graph=True`` raises). Errors name the level at fault.
     """
     parsed = parse_levels(levels, k, k_group)
     if hard_negatives is not None and (
         isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
     ):
         raise ValueError(f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}")
-    acc = accumulation_dtype(k.dtype)
     scale_t = _checks.scale_tensor(OP, scale, k)
+    _checks.check_same_device(OP, "scale", scale_t, "k", k)
+    if torch.compiler.is_compiling():
+        return _fused_levels(parsed, k, scale_t, k_group, hard_negatives)
+    try:
+        return _fused_levels(parsed, k, scale_t, k_group, hard_negatives)
+    except RuntimeError as error:
+        raise _level_error(parsed, k, error) from error
+
+
+def _level_error(levels: list[Level], k: torch.Tensor, error: RuntimeError) -> Exception:
+    """The error of a failed fused call, naming the level at fault where one is (a positive out
+    of range) and this op in any case. Runs only after a failure, so it may read values."""
+    m = k.shape[0]
+    for index, level in enumerate(levels):
+        if level.pos.numel() > 0 and level.pos.device.type != "meta":
+            low, high = int(level.pos.min()), int(level.pos.max())
+            if low < -1 or high >= m:
+                return ValueError(
+                    f"{OP}: levels[{index}] pos values should lie in [-1, M = {m}), got min {low} and max {high}"
+                )
+    return RuntimeError(f"{OP}: {error}")
+
+
+def _fused_levels(
+    parsed: list[Level],
+    k: torch.Tensor,
+    scale_t: torch.Tensor,
+    k_group: torch.Tensor | None,
+    hard_negatives: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused computation of :func:`multi_grained_loss` on checked levels."""
+    acc = accumulation_dtype(k.dtype)
     sizes = [level.q.shape[0] for level in parsed]
     q = parsed[0].q if len(parsed) == 1 else torch.cat([level.q for level in parsed])
     pos = parsed[0].pos if len(parsed) == 1 else torch.cat([level.pos for level in parsed])
     valid = pos >= 0
     n_valid = level_sums(valid.to(acc), sizes)
+    # weight_l / n_valid_l on the rows with a positive, exactly 0 on the others (whatever
+    # weight_l is: an infinite level weight must not turn an ignored row into 0 * inf = NaN).
     row_weight = torch.cat(
         [
-            part.to(acc) * (level.weight / count.clamp_min(1))
+            torch.where(part, level.weight / count.clamp_min(1), torch.zeros((), dtype=acc, device=part.device))
             for part, level, count in zip(valid.split(sizes), parsed, n_valid)
         ]
     )

@@ -59,7 +59,8 @@ def region_merge(
     """Groups the pixels of each image into connected regions of similar features.
 
     Each pixel's feature is L2-normalised; a region's feature is the mean of its pixels'; two
-    pixels or regions are as similar as the cosine of their features (0 when one is zero).
+    pixels or regions are as similar as the cosine of their features (0 when one is zero, NaN
+    when one is not finite: a NaN similarity never merges). Empty images give ``num = 0``.
 
     - ``linkage="single"``: the connected components of the grid graph whose edges join
       neighbouring pixels with similarity >= threshold.
@@ -105,7 +106,8 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     the typical neighbour similarity. Most neighbour pairs lie inside a region, so the median and
     the median absolute deviation describe how alike the pixels of one region are; region
     boundaries are the outliers below. +inf for an image
-    without neighbouring pairs (1 x 1).
+    without neighbouring pairs (1 x 1, or H or W = 0). NaN similarities (edges touching a
+    non-finite feature, which never merge) are left out, so the threshold stays finite.
 
     How it was chosen (``bench/tune_auto_threshold.py``, ``bench/results/auto_threshold.md``):
     on 144 generated 64x64 piecewise-constant images (C = 64; 4 to 48 Voronoi cells; noise of
@@ -131,6 +133,11 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
 @torch.library.register_fake("mgccl::region_merge")
 def _region_merge_fake(feat, threshold, connectivity, linkage):
     check_feat("region_merge", feat, connectivity)
+    _checks.check_choice("region_merge", "linkage", linkage, LINKAGES)
+    if threshold is not None:
+        _checks.check_dim("region_merge", "threshold", threshold, 1, "[B]")
+        _checks.check_size("region_merge", "threshold", threshold, 0, feat.shape[0], "feat.shape[0] (B)")
+        _checks.check_same_device("region_merge", "threshold", threshold, "feat", feat)
     batch, _, height, width = feat.shape
     return feat.new_empty((batch, height, width), dtype=torch.int64), feat.new_empty((batch,), dtype=torch.int64)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mgccl_ops.ops._dtypes import accumulation_dtype
-from mgccl_ops.reference.contrastive import reduce_rows
+from mgccl_ops.reference.contrastive import check_finite_scale, reduce_rows, row_weights
 
 
 def allowed_keys(
@@ -48,10 +48,13 @@ def topk_hard_negatives(
     n, m = q.shape[0], k.shape[0]
     with torch.no_grad():
         sim = q.to(acc) @ k.to(acc).T  # [N, M]
-        allowed = allowed_keys(n, m, q.device, pos, q_group, k_group)
-        sim = sim.masked_fill(~allowed, float("-inf"))
-        # A stable descending sort keeps equal similarities in ascending key order.
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :num]
+        # A NaN similarity is never selected; -inf is allowed and returned like any value.
+        allowed = allowed_keys(n, m, q.device, pos, q_group, k_group) & ~sim.isnan()
+        # Stable sorts: by similarity descending (equal values keep ascending key order), then
+        # allowed keys before the others (keeping that order among each).
+        order = torch.sort(sim.masked_fill(~allowed, float("-inf")), dim=1, descending=True, stable=True).indices
+        first = torch.sort((~allowed).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+        order = order.gather(1, first)[:, :num]
         top_allowed = allowed.gather(1, order)
         idx = torch.where(top_allowed, order, torch.full_like(order, -1))
         top_sim = torch.where(top_allowed, sim.gather(1, order), float("-inf"))
@@ -74,9 +77,10 @@ def hard_negative_loss(
     Row i's softmax runs over its positive logit and one logit per listed negative (a key
     listed twice counts twice); reduced like :func:`contrastive_loss`.
     """
+    check_finite_scale("hard_negative_loss", scale)
     acc = accumulation_dtype(q.dtype)
     valid = pos >= 0
-    w = valid.to(acc) if weight is None else weight.to(acc) * valid
+    w = row_weights(weight, pos, acc)
     qa, ka = q.to(acc), k.to(acc)
     if k.shape[0] == 0:
         zero = qa.sum(1) * 0 + (scale * 0 if isinstance(scale, torch.Tensor) else 0)

@@ -21,10 +21,11 @@ def multi_grained_loss(
     """Reference of :func:`mgccl_ops.multi_grained_loss`.
 
     levels: ``(q_l [N_l, D], pos_l [N_l], weight_l)`` or ``(q_l, pos_l, weight_l, q_group_l [N_l])``;
-    k [M, D]; k_group [M]. Returns ``total = sum_l weight_l * mean_loss_l`` (0-dim) and the
-    detached per-level mean losses [L]. With ``hard_negatives=K`` each level mines
-    ``min(K, M)`` negatives per row (excluding the positive and same-group keys) and uses the
-    hard-negative loss; otherwise the full softmax over ``k``.
+    k [M, D]; k_group [M]. Returns ``total = sum_l weight_l * mean_loss_l`` (0-dim) over
+    the levels that have a row with a positive, and the detached per-level mean losses [L].
+    With ``hard_negatives=K`` each level mines ``min(K, M)`` negatives per row (excluding the
+    positive and same-group keys) and uses the hard-negative loss; otherwise the full softmax
+    over ``k``.
     """
     losses = []
     for level in levels:
@@ -43,9 +44,10 @@ def multi_grained_loss(
         )
         losses.append(hard_negative_loss(q_l, k, pos_l, neg_idx, scale))
     per_level = torch.stack(losses)
-    weights = torch.tensor(
-        [float(level[2]) for level in levels],
-        dtype=per_level.dtype,
-        device=per_level.device,
+    # A level without rows that have a positive contributes nothing, whatever its weight (an
+    # infinite weight times its mean loss of 0 would be NaN).
+    total = sum(
+        (float(level[2]) * loss for level, loss in zip(levels, losses) if bool((level[1] >= 0).any())),
+        per_level.new_zeros(()),
     )
-    return (per_level * weights).sum(), per_level.detach()
+    return total, per_level.detach()

@@ -28,8 +28,8 @@ def grid_edges(height: int, width: int, connectivity: int) -> tuple[torch.Tensor
     """Neighbouring pixel pairs of an H x W grid as raster indices: (src [E], dst [E]), src < dst."""
     src, dst = [], []
     for dy, dx in NEIGHBOUR_OFFSETS[connectivity]:
-        ys = torch.arange(0, height - dy)
-        xs = torch.arange(max(0, -dx), width - max(0, dx))
+        ys = torch.arange(0, max(0, height - dy))
+        xs = torch.arange(max(0, -dx), max(max(0, -dx), width - max(0, dx)))
         y, x = torch.meshgrid(ys, xs, indexing="ij")
         src.append((y * width + x).reshape(-1))
         dst.append(((y + dy) * width + x + dx).reshape(-1))
@@ -37,16 +37,19 @@ def grid_edges(height: int, width: int, connectivity: int) -> tuple[torch.Tensor
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of a [E, C] and b [E, C] -> [E], in [-1, 1]; 0 for a zero row."""
+    """Row-wise cosine similarity of a [E, C] and b [E, C] -> [E], in [-1, 1]; 0 for a zero row,
+    NaN where a row is not finite (such a pair never merges)."""
     norms = a.norm(dim=1) * b.norm(dim=1)
     dots = (a * b).sum(1)
-    sim = torch.where(norms > 0, dots / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dots))
+    nonzero = norms != 0
+    sim = torch.where(nonzero, dots / torch.where(nonzero, norms, torch.ones_like(norms)), torch.zeros_like(dots))
     return sim.clamp(-1.0, 1.0)
 
 
 def pixel_rows(feat: torch.Tensor) -> torch.Tensor:
     """One image's features [C, H, W] as rows [H*W, C] in the accumulation dtype."""
-    return feat.to(accumulation_dtype(feat.dtype)).reshape(feat.shape[0], -1).T
+    channels, height, width = feat.shape
+    return feat.to(accumulation_dtype(feat.dtype)).reshape(channels, height * width).T
 
 
 def edge_similarities(feat: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,6 +140,7 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     out = torch.full((feat.shape[0],), float("inf"), dtype=torch.float64)
     for b in range(feat.shape[0]):
         sim = edge_similarities(feat[b], connectivity)[2]
+        sim = sim[~sim.isnan()]  # edges touching a non-finite feature: never merged, not counted
         if sim.numel() > 0:
             median = sim.median()
             mad = (sim - median).abs().median()
@@ -169,11 +173,14 @@ def region_merge(
 def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`mgccl_ops.region_pool`: x [B, C, H, W], labels [B, H, W], num [B] ->
     [B, R, C] region means (R = num.max(); regions without pixels are 0), in x's dtype."""
-    batch, channels = x.shape[:2]
+    batch, channels, height, width = x.shape
     regions = int(num.max()) if batch > 0 else 0
     acc = accumulation_dtype(x.dtype)
-    one_hot = F.one_hot(labels.reshape(batch, -1), regions).to(acc)  # [B, H*W, R]
-    sums = one_hot.transpose(1, 2) @ x.to(acc).reshape(batch, channels, -1).transpose(1, 2)
+    flat = labels.reshape(batch, height * width, 1)
+    one_hot = torch.zeros(batch, height * width, regions, dtype=acc)  # [B, H*W, R]
+    if flat.numel() > 0:
+        one_hot.scatter_(2, flat, 1.0)
+    sums = one_hot.transpose(1, 2) @ x.to(acc).reshape(batch, channels, height * width).transpose(1, 2)
     counts = one_hot.sum(1)
     return (sums / counts.clamp_min(1)[..., None]).to(x.dtype)
 
@@ -182,7 +189,7 @@ def region_broadcast(pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     """Reference of :func:`mgccl_ops.region_broadcast`: pooled [B, R, C], labels [B, H, W] ->
     [B, C, H, W] with each pixel taking its region's row."""
     batch, _, channels = pooled.shape
-    index = labels.reshape(batch, -1, 1).expand(-1, -1, channels)
+    index = labels.reshape(batch, labels.shape[1] * labels.shape[2], 1).expand(-1, -1, channels)
     return pooled.gather(1, index).transpose(1, 2).reshape(batch, channels, *labels.shape[1:])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .objective import ObjectiveConfig
 
@@ -35,6 +35,16 @@ class TrainConfig:
         deterministic: run with ``torch.use_deterministic_algorithms`` (warnings only where
             an op has no deterministic kernel), so that equal runs, and a resumed run and an
             uninterrupted one, give bit-identical weights.
+        tensorboard: also write TensorBoard scalars (``out_dir/tensorboard``) beside the
+            JSON lines, when the ``tensorboard`` package is importable.
+        data: ``synthetic``, ``folder:PATH`` or ``shards:SPEC`` (read by ``mgccl train``).
+        concepts: concept vocabulary file for the entity phrases of real captions.
+        limit: read at most this many real image-caption pairs.
+        model: ``small`` or ``open_clip:ARCH``.
+        pretrained: open_clip weights file the run started from.
+
+    ``data`` to ``pretrained`` and ``image_size`` (:data:`RUN_FIELDS`) say what a run trains
+    on and from; ``mgccl train --resume`` restores them from the checkpoint.
     """
 
     out_dir: str = "runs/mgccl"
@@ -58,14 +68,39 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     deterministic: bool = True
+    tensorboard: bool = True
+    data: str = "synthetic"
+    concepts: str | None = None
+    limit: int | None = None
+    model: str = "small"
+    pretrained: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
     def to_dict(self) -> dict:
         """Plain-data form (for checkpoints and logs)."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        """Inverse of :meth:`to_dict`; fields absent from ``data`` take their defaults.
+
+        Raises:
+            ValueError: a key that is not a field (naming it and ``source``).
+        """
         data = dict(data)
-        data["objective"] = ObjectiveConfig(**data.get("objective", {}))
-        return cls(**data)
+        objective = dict(data.pop("objective", None) or {})
+        for keys, known in ((data, fields(cls)), (objective, fields(ObjectiveConfig))):
+            unknown = sorted(set(keys) - {f.name for f in known})
+            if unknown:
+                raise ValueError(f"{source}: unknown training option(s) {unknown}")
+        return cls(**data, objective=ObjectiveConfig(**objective))
+
+
+# The fields that say what a run trains on and from: restored by ``mgccl train --resume``.
+RUN_FIELDS = ("data", "concepts", "limit", "model", "pretrained", "image_size")

@@ -27,7 +27,8 @@ class ObjectiveConfig:
         refine_iters: colour-affinity propagation steps applied to the pixel label scores
             (:mod:`mgccl_ops.train.refine`); 0 turns refinement off.
         refine_tau: colour distance scale of that propagation (RGB in 0..1).
-        hard_negatives: negatives mined per part / pixel row.
+        hard_negatives: negatives mined per part / pixel row; 0 uses the full softmax
+            over the whole entity bank instead of mined negatives.
     """
 
     object_weight: float = 1.0
@@ -39,6 +40,10 @@ class ObjectiveConfig:
     refine_iters: int = 10
     refine_tau: float = 0.05
     hard_negatives: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.hard_negatives, bool) or not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be an int >= 0 (0 = full softmax), got {self.hard_negatives!r}")
 
 
 def entity_bank_index(entity_ids: torch.Tensor) -> torch.Tensor:
@@ -133,7 +138,8 @@ def mgccl_loss(
                 (pixels[on_background], pixel_pos[on_background], cfg.background_weight, pixel_group[on_background])
             )
             names.append("background")
-    negatives = min(cfg.hard_negatives, bank.shape[0])
+    # 0 hard negatives: the full softmax over the bank (mining 0 would leave only the positive, a loss of 0).
+    negatives = min(cfg.hard_negatives, bank.shape[0]) if cfg.hard_negatives else None
     grained, per_level = ops.multi_grained_loss(levels, bank, scale, k_group=bank_group, hard_negatives=negatives)
     for name, value in zip(names, per_level, strict=True):
         parts[name] = value

@@ -20,6 +20,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .schedule import warmup_cosine
 from .step import batch_loss
+from .tensorboard_log import TensorBoardLog
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -137,6 +138,7 @@ def _train(
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step")
     tick, seen = time.perf_counter(), 0
+    board = TensorBoardLog(out / "tensorboard") if cfg.tensorboard else None
     with log_path.open("a") as log:
         for step, batch in enumerate(loader, start=start + 1):
             cast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -166,6 +168,8 @@ def _train(
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if board is not None:
+                    board.add(record)
                 tick, seen = now, 0
             if step % cfg.checkpoint_every == 0 or step == stop:
                 checkpoint.save_atomic(
@@ -182,5 +186,7 @@ def _train(
                     ckpt_path,
                 )
     bar.close()
+    if board is not None:
+        board.close()
     model.eval()
     return model
