@@ -33,10 +33,11 @@ def _features(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return q, k
 
 
-def mining_step(provider: str, n: int, d: int, num: int) -> Callable[[], object]:
-    """Setup factory: N = M queries and keys [n, d] (float32, CPU); the step mines ``num`` per row."""
-    q, k = _features(n, d)
-    pos = torch.arange(n)
+def mining_step(provider: str, n: int, d: int, num: int, device: str = "cpu") -> Callable[[], object]:
+    """Setup factory: N = M queries and keys [n, d] (float32, on ``device``); the step mines ``num``
+    per row. faiss runs on the CPU only here (``gpu_mining`` has faiss-gpu)."""
+    q, k = (t.to(device) for t in _features(n, d))
+    pos = torch.arange(n, device=device)
     if provider == "mgccl":
         return lambda: mgccl_ops.topk_hard_negatives(q, k, num, pos=pos)
     if provider == "torch.mm + topk":
@@ -48,6 +49,8 @@ def mining_step(provider: str, n: int, d: int, num: int) -> Callable[[], object]
 
         return mm_topk
     if provider == "faiss":
+        if device != "cpu":
+            raise ValueError("the faiss provider runs on the CPU; faiss-gpu is in the gpu_mining benchmark")
         import faiss
 
         q_np, k_np = q.numpy(), k.numpy()
@@ -75,12 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8.0,
         help="skip torch.mm + topk where its N x M float32 similarities exceed this",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (faiss only on the CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    context = harness.run_context("cpu")
+    context = harness.run_context(args.device)
     factory = "mgccl_ops.bench.hard_negatives:mining_step"
     rows = []
     for num in args.nums:
@@ -90,16 +94,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if provider == "torch.mm + topk" and n * n * 4 / 2**30 > args.max_matrix_gib:
                     print(f"{name:28s} n={n:6d}  skipped: the N x M matrix needs {n * n * 4 / 2**30:.0f} GiB")
                     continue
-                params = {"provider": provider, "n": n, "d": args.dim, "num": num}
+                if provider == "faiss" and args.device != "cpu":
+                    continue
+                params = {"provider": provider, "n": n, "d": args.dim, "num": num, "device": args.device}
                 step = harness.resolve(factory)(**params)
-                timing = harness.time_step(step, "cpu", repeats=args.repeats)
+                timing = harness.time_step(step, args.device, repeats=args.repeats)
                 del step
                 row = {
                     "bench": NAME,
                     "provider": name,
                     "params": {"n": n, "d": args.dim, "num": num},
                     "time_ms": timing,
-                    "peak_mem_mib": harness.peak_memory_mib(factory, params, "cpu"),
+                    "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
                     **context,
                 }
                 rows.append(row)

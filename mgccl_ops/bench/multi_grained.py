@@ -30,18 +30,22 @@ ENTITIES = 5
 PHRASES = 400  # distinct phrase groups in the bank
 
 
-def _inputs(batch: int, d: int, seed: int = 0):
+def _inputs(batch: int, d: int, seed: int = 0, device: str = "cpu"):
     generator = torch.Generator().manual_seed(seed)
     m = batch * ENTITIES
-    k = torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=1).requires_grad_()
-    k_group = torch.randint(0, PHRASES, (m,), generator=generator)
+
+    def unit_rows(n: int) -> torch.Tensor:
+        rows = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
+        return rows.to(device).requires_grad_()
+
+    k = unit_rows(m)
+    k_group = torch.randint(0, PHRASES, (m,), generator=generator).to(device)
     levels = []
     for factor in LEVEL_FACTORS:
-        n = batch * factor
-        q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1).requires_grad_()
-        pos = torch.randint(0, m, (n,), generator=generator)
+        q = unit_rows(batch * factor)
+        pos = torch.randint(0, m, (batch * factor,), generator=generator).to(device)
         levels.append((q, pos, 1.0, k_group[pos]))
-    logit_scale = torch.tensor(2.659, requires_grad=True)
+    logit_scale = torch.tensor(2.659, device=device, requires_grad=True)
     return levels, k, k_group, logit_scale
 
 
@@ -58,9 +62,9 @@ def plain_hard_negative_loss(levels, k, scale, k_group, hard_negatives):
     return total
 
 
-def loss_step(provider: str, batch: int, d: int, hard_negatives: int | None) -> Callable[[], None]:
-    """Setup factory: the three levels and the key bank; the step runs forward + backward."""
-    levels, k, k_group, logit_scale = _inputs(batch, d)
+def loss_step(provider: str, batch: int, d: int, hard_negatives: int | None, device: str = "cpu") -> Callable[[], None]:
+    """Setup factory: the three levels and the key bank on ``device``; the step runs forward + backward."""
+    levels, k, k_group, logit_scale = _inputs(batch, d, device=device)
     leaves = [level[0] for level in levels] + [k, logit_scale]
 
     def forward():
@@ -83,21 +87,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hard-negatives", type=int, nargs="+", default=[0, 16], help="0: full softmax")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    context = harness.run_context("cpu")
+    context = harness.run_context(args.device)
     factory = "mgccl_ops.bench.multi_grained:loss_step"
     rows = []
     for hard_negatives in args.hard_negatives:
         mode = "full softmax" if hard_negatives == 0 else f"K={hard_negatives}"
         for batch in args.batches:
             for provider in ("mgccl", "pytorch"):
-                params = {"provider": provider, "batch": batch, "d": args.dim, "hard_negatives": hard_negatives or None}
+                params = {
+                    "provider": provider,
+                    "batch": batch,
+                    "d": args.dim,
+                    "hard_negatives": hard_negatives or None,
+                    "device": args.device,
+                }
                 step = harness.resolve(factory)(**params)
-                timing = harness.time_step(step, "cpu", repeats=args.repeats)
+                timing = harness.time_step(step, args.device, repeats=args.repeats)
                 del step
                 rows.append(
                     {
@@ -111,7 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "hard_negatives": hard_negatives or None,
                         },
                         "time_ms": timing,
-                        "peak_mem_mib": harness.peak_memory_mib(factory, params, "cpu"),
+                        "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
                         **context,
                     }
                 )

@@ -11,6 +11,7 @@ import torch
 
 from mgccl_ops.ops._dtypes import FLOAT_DTYPES, accumulation_dtype
 from mgccl_ops.ops._reductions import check_reduction
+from mgccl_ops.ops.autocast import dtypes_unified_by_autocast
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
@@ -41,7 +42,8 @@ def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
 
 
 def check_same_dtype(op: str, name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if tensor.dtype != ref.dtype:
+    """Equal dtypes, or two that autocast (on for ``ref``'s device) casts to its one dtype."""
+    if tensor.dtype != ref.dtype and not dtypes_unified_by_autocast(ref, tensor):
         raise ValueError(
             f"{op}: {name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; "
             "all inputs of one call must share a dtype"

@@ -38,6 +38,9 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """Contrastive (InfoNCE) loss of queries against a key bank, without the N x M logits.
 
+    Autocast (CPU, CUDA): ``q`` and ``k`` are cast to the autocast dtype (two castable dtypes
+    are then accepted); the rest as given; see docs/ops.md.
+
     Args:
         q: [N, D] queries (float16, bfloat16, float32 or float64).
         k: [M, D] keys, same dtype and device as ``q``.

@@ -74,6 +74,8 @@ def region_merge(
     once, and average linkage updates its region adjacency graph between rounds (renaming and
     deduplicating only the edges of merged regions) instead of rebuilding it from the pixels.
 
+    Autocast (CPU, CUDA): no cast, the input dtype is kept; see docs/ops.md.
+
     Args:
         feat: [B, C, H, W] features (float16, bfloat16, float32 or float64; compared in float32,
             float64 for float64).
@@ -118,6 +120,8 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     k = 0 breaks single linkage (0.55) and k >= 2 merges the cells of noisy images. Where cells are
     more alike than two noisy pixels of one cell (cell cosine above about 1 / (1 + noise^2)),
     no rule drawn from pixel similarities separates them, and the cells merge.
+
+    Autocast (CPU, CUDA): no cast, the input dtype is kept; see docs/ops.md.
 
     Args:
         feat: [B, C, H, W] features.

@@ -48,6 +48,8 @@ def check_pool_inputs(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) 
 def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over each region, differentiable in ``x``.
 
+    Autocast (CPU, CUDA): no cast, the input dtype is kept; see docs/ops.md.
+
     Args:
         x: [B, C, H, W] floating (accumulated in float32, float64 for float64).
         labels: [B, H, W] int64, each image's labels in [0, num[b]) (e.g. from region_merge).
@@ -63,6 +65,8 @@ def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> tor
 
 def region_broadcast(pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Scatters one row per region back to the pixels: the inverse of :func:`region_pool`.
+
+    Autocast (CPU, CUDA): no cast, the input dtype is kept; see docs/ops.md.
 
     Args:
         pooled: [B, R, C] floating.

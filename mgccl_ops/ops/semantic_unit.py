@@ -31,6 +31,9 @@ def adaptive_semantic_unit(
     the region's mean normalised feature times t's normalised embedding: one [R, C] x [C, T]
     product per image instead of a [H*W, C] x [C, T] one.
 
+    Autocast (CPU, CUDA): the region ops keep their input dtype and the region-by-text product
+    is autocast like any matmul; see docs/ops.md.
+
     Args:
         pixel_feat: [B, C, H, W] dense features (float16, bfloat16, float32, float64).
         text_emb: [T, C] text embeddings, same dtype.

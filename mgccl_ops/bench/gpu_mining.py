@@ -1,0 +1,151 @@
+"""GPU benchmark of ``topk_hard_negatives`` against faiss-gpu ``IndexFlatIP`` and ``torch.mm`` +
+``torch.topk``: N = M queries and keys, each row's positive (key i) excluded.
+
+- ``mgccl``: ``topk_hard_negatives(q, k, num, pos=arange(N))``, never the N x M similarities;
+- ``torch.mm + topk``: the N x M similarities in the input dtype, the positive set to -inf,
+  ``torch.topk``; skipped where the matrix would not fit;
+- ``faiss-gpu``: ``GpuIndexFlatIP`` built over the keys inside the step (a training step mines a
+  fresh bank), searched for num + 1 candidates (faiss cannot exclude a key per query), then the
+  positive dropped. float32 only (its inputs are converted); its temporary memory is allocated
+  outside torch's allocator, so its peak column shows only the torch tensors. Optional import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import mgccl_ops
+from mgccl_ops.bench import gpu_common, harness, report
+
+NAME = "gpu_mining"
+PROVIDERS = ("mgccl", "torch.mm + topk", "faiss-gpu")
+
+
+def step_factory(provider: str, n: int, d: int, num: int, dtype: str, device: str) -> Callable[[], Callable]:
+    def factory():
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator, device=device), dim=1)
+        k = torch.nn.functional.normalize(torch.randn(n, d, generator=generator, device=device), dim=1)
+        q, k = q.to(gpu_common.DTYPES[dtype]), k.to(gpu_common.DTYPES[dtype])
+        pos = torch.arange(n, device=device)
+        if provider == "mgccl":
+            return lambda: mgccl_ops.topk_hard_negatives(q, k, num, pos=pos)
+        if provider == "torch.mm + topk":
+
+            def mm_topk():
+                sim = q @ k.T
+                sim.scatter_(1, pos[:, None], float("-inf"))
+                return torch.topk(sim, num, dim=1)
+
+            return mm_topk
+        if provider == "faiss-gpu":
+            import faiss
+            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
+
+            resources = faiss.StandardGpuResources()
+            q32, k32 = q.float(), k.float()
+
+            def faiss_search():
+                index = faiss.GpuIndexFlatIP(resources, d)
+                index.add(k32)
+                sim, idx = index.search(q32, num + 1)
+                keep = torch.sort((idx != pos[:, None]).to(torch.int8), dim=1, descending=True, stable=True)
+                order = keep.indices[:, :num]
+                return idx.gather(1, order), sim.gather(1, order)
+
+            return faiss_search
+        raise ValueError(f"unknown provider {provider!r}")
+
+    return factory
+
+
+def predicted_peak_bytes(provider: str, n: int, num: int, dtype: str) -> float:
+    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    if provider == "torch.mm + topk":
+        return 2 * n * n * element + n * num * 16
+    return 4 * n * num * 12 + 2**28
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--nums", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(gpu_common.DTYPES), default=["bfloat16", "float32"])
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    budget = gpu_common.Budget(args.time_budget)
+    context = harness.run_context(args.device)
+    rows = []
+    for dtype in args.dtypes:
+        for num in args.nums:
+            for n in args.sizes:
+                for provider in args.providers:
+                    name = f"{provider} (num={num}, {dtype})"
+                    params = {"n": n, "d": args.dim, "num": num, "dtype": dtype}
+                    if budget.spent():
+                        rows.append(gpu_common.skipped_row(NAME, name, params, "not run: time budget spent", context))
+                        continue
+                    if not gpu_common.fits(predicted_peak_bytes(provider, n, num, dtype), args.device):
+                        rows.append(gpu_common.skipped_row(NAME, name, params, "skipped: would not fit", context))
+                        continue
+                    factory = step_factory(provider, n, args.dim, num, dtype, args.device)
+                    result = gpu_common.measure(factory, args.device, repeats=args.repeats)
+                    row = {"bench": NAME, "provider": name, "params": params, **result, **context}
+                    if "time_ms" in result:
+                        line = roofline(n, args.dim, num, dtype)
+                        row["floor_ms"] = line["floor_ms"]
+                        row["percent_of_floor"] = 100 * line["floor_ms"] / result["time_ms"]["median"]
+                    rows.append(row)
+                    gpu_common.print_row(row, "n")
+    write(rows, args, context)
+    return rows
+
+
+def roofline(n: int, d: int, num: int, dtype: str) -> dict:
+    """2 N M D FLOPs of the similarities; q and k read once, idx (int64) and sim (fp32) written."""
+    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    return gpu_common.roofline(2 * n * n * d, 2 * n * d * element + n * num * 12)
+
+
+def write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
+    shape = gpu_common.ROOFLINE_SHAPE
+    line = roofline(shape["n"], shape["d"], 128, "bfloat16")
+    for row in rows:
+        row.setdefault("roofline_32k_512_bf16_num128", line)
+    report.write_report(
+        rows,
+        args.out,
+        NAME,
+        f"topk_hard_negatives, N = M, D = {args.dim}, on {context['device_name']}",
+        columns=[
+            ("provider", "provider"),
+            ("dtype", "params.dtype"),
+            ("N = M", "params.n"),
+            ("time ms (median)", "time_ms.median"),
+            ("p20", "time_ms.p20"),
+            ("p80", "time_ms.p80"),
+            ("roofline floor ms", "floor_ms"),
+            ("% of floor", "percent_of_floor"),
+            ("peak MiB", "peak_mem_mib"),
+            ("not run", "skipped"),
+            ("error", "error"),
+        ],
+        x_key="n",
+        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
+        notes=(
+            f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs after one "
+            "warm-up; peak memory is torch.cuda.max_memory_allocated during one step minus the inputs (faiss's "
+            "own temporary memory is not included). Every provider excludes each query's positive key. "
+            + gpu_common.roofline_note("mining at N = M = 32k, D = 512, num = 128, bf16", line)
+        ),
+    )
