@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_topk_hard_negatives import assert_same_selection, make_inputs
 
 import mgccl_ops
 from mgccl_ops import reference
 from mgccl_ops.reference.mining import allowed_keys
-from python_tests.test_topk_hard_negatives import assert_same_selection, make_inputs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from compare import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +14,6 @@ import mgccl_ops
 from mgccl_ops import nn as mnn
 from mgccl_ops import reference
 from mgccl_ops.nn.miner import positive_pairs
-from python_tests.compare import assert_close
 
 
 def open_clip_loss():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compare import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mgccl_ops
 from mgccl_ops import reference
-from python_tests.compare import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from compare import assert_close
+from test_sigmoid_contrastive import make_inputs, value_and_grads
 
 from mgccl_ops import reference
-from python_tests.compare import assert_close
-from python_tests.test_sigmoid_contrastive import make_inputs, value_and_grads
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -13,11 +13,11 @@ BENCHMARKS = {
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
     "sigmoid_contrastive": "mgccl_ops.bench.sigmoid_contrastive",
-    "regions_gpu": "mgccl_ops.bench.regions_gpu",
     "training_step": "mgccl_ops.bench.training_step",
     "gpu_contrastive": "mgccl_ops.bench.gpu_contrastive",
     "gpu_mining": "mgccl_ops.bench.gpu_mining",
     "gpu_multi_grained": "mgccl_ops.bench.gpu_multi_grained",
+    "gpu_regions": "mgccl_ops.bench.gpu_regions",
 }
 
 

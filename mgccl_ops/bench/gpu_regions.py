@@ -1,6 +1,7 @@
 """GPU benchmark of the region ops: ``region_merge`` on CUDA against the CPU kernel and CuPy.
 
-``python -m mgccl_ops.bench regions_gpu [--out DIR]`` (needs a CUDA device). Inputs are those of
+``python -m mgccl_ops.bench gpu_regions --device cuda [--out DIR] [--time-budget S]`` (needs a CUDA
+device; run by ``bench/gpu_check.sh``). Sizes are run in order until the time budget is spent. Inputs are those of
 the CPU region benchmark (``regions``: generated piecewise-constant images with noise), merged
 with their precomputed ``threshold="auto"`` thresholds; the "auto" rows compute them inside.
 
@@ -19,6 +20,7 @@ Providers, per linkage and size:
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ import mgccl_ops
 from mgccl_ops.bench import harness, report
 from mgccl_ops.bench.regions import images
 
-NAME = "regions_gpu"
+NAME = "gpu_regions"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-max-size", type=int, default=256, help="largest size the CPU kernel is timed at")
+    parser.add_argument("--device", default="cuda", help="a CUDA device")
+    parser.add_argument("--time-budget", type=float, default=150.0, help="seconds; no new size starts after it")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
@@ -104,9 +108,18 @@ def merge_rows(size: int, args: argparse.Namespace, context: dict) -> list[dict]
 
 def run(args: argparse.Namespace) -> list[dict]:
     if not torch.cuda.is_available():
-        raise SystemExit("regions_gpu: no CUDA device")
-    context = harness.run_context("cuda")
-    rows = [row for size in args.sizes for row in merge_rows(size, args, context)]
+        raise SystemExit("gpu_regions: no CUDA device")
+    if not str(args.device).startswith("cuda"):
+        raise SystemExit(f"gpu_regions: --device should be a CUDA device, got {args.device!r}")
+    torch.cuda.set_device(torch.device(args.device))
+    context = harness.run_context(args.device)
+    deadline = time.monotonic() + args.time_budget
+    rows = []
+    for size in args.sizes:
+        if time.monotonic() > deadline:
+            print(f"time budget spent: size {size} and larger skipped", flush=True)
+            break
+        rows += merge_rows(size, args, context)
     report.write_report(
         rows,
         args.out,
