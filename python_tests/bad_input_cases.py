@@ -712,17 +712,31 @@ raw_case(
     "hard_negative_loss",
     lambda: ops.hard_negative_loss_backward(torch.ones(6), q6, k5, pos6, torch.full((6, 1), 9), s, [True, True, True]),
 )
-raw_case("topk-num-past-m", "topk_hard_negatives", lambda: ops.topk_hard_negatives(q6, k5, 6, None, None, None))
-raw_case("topk-num-negative", "topk_hard_negatives", lambda: ops.topk_hard_negatives(q6, k5, -3, None, None, None))
+raw_case(
+    "topk-num-past-m",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, 6, None, None, None, False, None, None, 0),
+)
+raw_case(
+    "topk-num-negative",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, -3, None, None, None, False, None, None, 0),
+)
 raw_case(
     "topk-groups-alone",
     "topk_hard_negatives",
-    lambda: ops.topk_hard_negatives(q6, k5, 2, None, torch.zeros(6, dtype=torch.int64), None),
+    lambda: ops.topk_hard_negatives(q6, k5, 2, None, torch.zeros(6, dtype=torch.int64), None, False, None, None, 0),
 )
 raw_case(
-    "topk-pos-range", "topk_hard_negatives", lambda: ops.topk_hard_negatives(q6, k5, 2, torch.full((6,), 5), None, None)
+    "topk-pos-range",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, 2, torch.full((6,), 5), None, None, False, None, None, 0),
 )
-raw_case("topk-q-int", "topk_hard_negatives", lambda: ops.topk_hard_negatives(q6.int(), k5.int(), 2, None, None, None))
+raw_case(
+    "topk-q-int",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6.int(), k5.int(), 2, None, None, None, False, None, None, 0),
+)
 raw_case(
     "region-merge-threshold-length",
     "region_merge",
@@ -765,11 +779,105 @@ raw_case(
 
 
 def _crash(impl):
-    """Not a sweep case: kills its process, to test that the sweep survives a crash."""
+    """Not a sweep case: kills its process, to test that the sweep survives a crash (SIGKILL,
+    which no sanitizer intercepts, so the sanitizer job gets no report from it)."""
     import os
     import signal
 
-    os.kill(os.getpid(), signal.SIGSEGV)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 CRASH_CASE = Case("none", _crash, True, False)
+
+
+# --- topk_hard_negatives: mining options (exclude_self, max_sim, margin, skip) -------------------
+topk_case("skip-negative", True, skip=-1)
+topk_case("skip-float", True, skip=1.5)
+topk_case("skip-huge", skip=HUGE)
+topk_case("skip-2", skip=2)
+topk_case("exclude-self-n-ne-m", True, exclude_self=True)
+topk_case("exclude-self", exclude_self=True, shape={"n": 7})
+topk_case("margin-without-pos", True, margin=0.1)
+topk_case("margin", margin=0.1, pos=torch.tensor([0, -1, 6, 3, 3, 1]))
+topk_case("margin-nan", True, margin=NAN, pos=torch.tensor([0, -1, 6, 3, 3, 1]))
+topk_case("margin-inf", margin=INF, pos=torch.tensor([0, -1, 6, 3, 3, 1]))
+topk_case("max-sim", max_sim=0.5)
+topk_case("max-sim-nan", True, max_sim=NAN)
+topk_case("max-sim-minus-inf", max_sim=-INF)
+topk_case("max-sim-str", True, max_sim="0.5")
+
+
+# --- sigmoid_contrastive_loss ------------------------------------------------------------------
+
+
+def sigmoid_case(name, must_raise=False, **changes):
+    shape = changes.pop("shape", {})
+
+    def run(impl):
+        n, m, d = shape.get("n", 5), shape.get("m", 5), shape.get("d", 4)
+        dtype = shape.get("dtype", torch.float32)
+        args = {
+            "q": randn(n, d, dtype=dtype, seed=40),
+            "k": randn(m, d, dtype=dtype, seed=41),
+            "scale": 2.0,
+            "bias": -1.0,
+        }
+        for key, value in changes.items():
+            args[key] = value(args) if callable(value) else value
+        q, k = (leaf(args[x]) if isinstance(args[x], torch.Tensor) else args[x] for x in ("q", "k"))
+        return with_grads(impl.sigmoid_contrastive_loss(q, k, args["scale"], args["bias"]), [q, k])
+
+    case(f"sigmoid_contrastive_loss-{name}", "sigmoid_contrastive_loss", run, must_raise)
+
+
+sigmoid_case("ok")
+sigmoid_case("q-1d", True, q=lambda a: a["q"][0])
+sigmoid_case("k-width", True, k=lambda a: a["k"][:, :2])
+sigmoid_case("q-int", True, q=lambda a: a["q"].long(), k=lambda a: a["k"].long())
+sigmoid_case("k-float64", True, k=lambda a: a["k"].double())
+sigmoid_case("k-meta", True, k=lambda a: meta(a["k"]))
+sigmoid_case(
+    "all-meta",
+    q=lambda a: meta(a["q"]),
+    k=lambda a: meta(a["k"]),
+    scale=torch.tensor(2.0, device="meta"),
+    bias=torch.tensor(0.0, device="meta"),
+)
+sigmoid_case("scale-inf", True, scale=INF)
+sigmoid_case("scale-nan-tensor", True, scale=torch.tensor(NAN))
+sigmoid_case("bias-1d", True, bias=torch.zeros(2))
+sigmoid_case("bias-str", True, bias="0")
+sigmoid_case("bias-meta", True, bias=torch.tensor(0.0, device="meta"))
+sigmoid_case("n0", shape={"n": 0})
+sigmoid_case("m0", shape={"m": 0})
+sigmoid_case("d0", shape={"d": 0})
+sigmoid_case("n-ne-m", shape={"n": 3, "m": 6})
+sigmoid_case("q-transposed", q=lambda a: a["q"].T.contiguous().T)
+sigmoid_case("k-expanded", k=lambda a: expanded_rows(a["k"]))
+sigmoid_case("q-nan", q=lambda a: with_value(a["q"], (0, 0), NAN))
+sigmoid_case("k-inf", k=lambda a: with_value(a["k"], (1, 1), INF))
+sigmoid_case("float16", shape={"dtype": torch.float16})
+sigmoid_case("bfloat16", shape={"dtype": torch.bfloat16})
+sigmoid_case("float64", shape={"dtype": torch.float64})
+sigmoid_case(
+    "meta-n-past-int32",
+    q=lambda a: torch.empty(BIG, 4, device="meta"),
+    k=lambda a: torch.empty(BIG, 4, device="meta"),
+    scale=torch.tensor(2.0, device="meta"),
+    bias=torch.tensor(0.0, device="meta"),
+)
+raw_case(
+    "topk-skip-negative",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, 2, None, None, None, False, None, None, -1),
+)
+raw_case(
+    "topk-exclude-self-n-ne-m",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, 2, None, None, None, True, None, None, 0),
+)
+raw_case(
+    "topk-margin-without-pos",
+    "topk_hard_negatives",
+    lambda: ops.topk_hard_negatives(q6, k5, 2, None, None, None, False, None, 0.1, 0),
+)

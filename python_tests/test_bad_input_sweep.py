@@ -18,8 +18,19 @@ import threading
 import pytest
 from bad_input_cases import CASES
 
+import mgccl_ops
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bad_input_worker.py")
 CASE_TIMEOUT_S = 300
+
+
+def worker_env() -> dict[str, str]:
+    """This process's environment, with the folder of the mgccl_ops it imported first on the
+    path: the workers test the same build (the sanitized one, say) whatever their cwd."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(mgccl_ops.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def run_cases(names: list[str]) -> dict[str, dict]:
@@ -33,6 +44,7 @@ def run_cases(names: list[str]) -> dict[str, dict]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=worker_env(),
         )
         lines: queue.Queue = queue.Queue()
 
@@ -85,6 +97,13 @@ def sweep() -> dict[str, dict]:
 def test_bad_input(name, sweep):
     result = sweep[name]
     assert result["ok"], f"{name}: {result.get('why')}; raised {result.get('raised')}: {result.get('message')}"
+
+
+def test_workers_import_this_build():
+    env = worker_env()
+    code = "import mgccl_ops, os; print(os.path.abspath(mgccl_ops.__file__))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == os.path.abspath(mgccl_ops.__file__)
 
 
 def test_a_crashing_case_fails_alone():

@@ -116,9 +116,11 @@ def long_topk_call():
     while True:
         q, k = torch.randn(n, 64), torch.randn(n, 64)
         start = time.perf_counter()
-        torch.ops.mgccl.topk_hard_negatives(q, k, 16, None, None, None)
+        torch.ops.mgccl.topk_hard_negatives(q, k, 16, None, None, None, False, None, None, 0)
         if time.perf_counter() - start > 0.3 or n >= 2**16:
-            return functools.partial(torch.ops.mgccl.topk_hard_negatives, q, k, 16, None, None, None)
+            return functools.partial(
+                torch.ops.mgccl.topk_hard_negatives, q, k, 16, None, None, None, False, None, None, 0
+            )
         n *= 2
 
 

@@ -58,24 +58,28 @@ at::Tensor logit_gradient_tile(const at::Tensor& a, int64_t a_row0, const at::Te
   at::mm_out(z, a, b.t());
   z.mul_(scale).add_(bias);
   at::sigmoid_out(grad, z);
+  at::Tensor term;
   if (loss != nullptr) {
-    // Every pair as a negative: -log sigmoid(-z) = softplus(z); the positives are corrected
+    // Every pair as a negative: -log sigmoid(-z) = softplus(z); the positives are overwritten
     // below. Above the threshold softplus(z) is z, within e^-threshold (below the dtype's eps).
-    at::Tensor term = buf.term.narrow(0, 0, rows * cols).view({rows, cols});
+    term = buf.term.narrow(0, 0, rows * cols).view({rows, cols});
     const double threshold = std::is_same_v<acc_t, double> ? 40.0 : 20.0;
     at::softplus_out(term, z, 1.0, threshold);
-    *loss += term.sum().template item<acc_t>();
   }
   // The positives of this tile: r - c == b_row0 - a_row0.
   const int64_t shift = b_row0 - a_row0;
   const int64_t r0 = std::max<int64_t>(0, shift), r1 = std::min<int64_t>(rows, cols + shift);
   acc_t* z_data = z.data_ptr<acc_t>();
   acc_t* grad_data = grad.data_ptr<acc_t>();
+  acc_t* term_data = loss != nullptr ? term.data_ptr<acc_t>() : nullptr;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t pair = r * cols + (r - shift);
     grad_data[pair] -= acc_t(1);
-    if (loss != nullptr) *loss += log_sigmoid(-z_data[pair]) - log_sigmoid(z_data[pair]);
+    // A positive's term -log sigmoid(z) replaces its softplus(z): adding the difference instead
+    // gives inf - inf = NaN for an infinite logit, whose loss is 0 or inf.
+    if (loss != nullptr) term_data[pair] = -log_sigmoid(z_data[pair]);
   }
+  if (loss != nullptr) *loss += term.sum().template item<acc_t>();
   return grad;
 }
 

@@ -374,13 +374,15 @@ def hard_negative_loss(
             raise RuntimeError(
                 f"{OP}: weight.shape[0] should equal q.shape[0] = {q.shape[0]}, got shape {list(weight.shape)}"
             )
-        w = weight.to(acc) * valid
+        # Ignored rows never read their weight (docs/ops.md): exactly 0 there, even NaN or inf.
+        w = torch.where(valid > 0, weight.to(acc), torch.zeros_like(valid))
     else:
         w = valid
     fused = reduction != "none" and any(grad_mask)
     if reduction == "mean":
+        # Divided by the signed total weight; exactly 0 (zero gradients) only when it is 0.
         total_weight = w.sum()
-        coef = torch.where(total_weight == 0, torch.zeros_like(w), w / total_weight)
+        coef = torch.where((total_weight == 0) | (valid == 0), torch.zeros_like(w), w / total_weight)
     else:
         coef = w
     row_loss, grad_q, grad_k, grad_scale = _gradients(q, k, pos, neg_idx, scale, coef if fused else None, grad_mask)
@@ -391,7 +393,7 @@ def hard_negative_loss(
     elif reduction == "sum":
         loss = (row_loss * w).sum()
     else:
-        loss = (row_loss * coef).sum()
+        loss = torch.where(total_weight == 0, torch.zeros_like(total_weight), (row_loss * coef).sum())
     return loss, row_loss, grad_q, grad_k, grad_scale
 
 
@@ -414,5 +416,7 @@ def hard_negative_loss_backward(
             f"got shape {list(row_grad.shape)}"
         )
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    _, grad_q, grad_k, grad_scale = _gradients(q, k, pos, neg_idx, scale, row_grad.to(acc).contiguous(), grad_mask)
+    # Ignored rows take no gradient, whatever row_grad holds there (a NaN weight included).
+    coef = torch.where(pos >= 0, row_grad.to(acc), torch.zeros((), dtype=acc, device=row_grad.device))
+    _, grad_q, grad_k, grad_scale = _gradients(q, k, pos, neg_idx, scale, coef.contiguous(), grad_mask)
     return grad_q, grad_k, grad_scale
