@@ -25,11 +25,13 @@ TORCH_LIBRARY(mgccl, m) {
       "contrastive_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, Tensor scale, "
       "Tensor row_lse, Tensor col_lse, bool symmetric, bool[3] grad_mask) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
-  // Hard-negative mining (DESIGN.md op 2): per row the `num` allowed keys of largest <q_i, k_j>,
+  // Hard-negative mining (DESIGN.md op 2): per row the allowed keys of largest <q_i, k_j>
+  // (docs/ops.md lists what excludes a key), the first `skip` dropped, the next `num` returned:
   // idx [N, num] int64 and sim [N, num] float32, padded with -1 / -inf. No gradient.
   m.def(
       "topk_hard_negatives(Tensor q, Tensor k, int num, Tensor? pos, Tensor? q_group, "
-      "Tensor? k_group) -> (Tensor idx, Tensor sim)");
+      "Tensor? k_group, bool exclude_self, float? max_sim, float? margin, int skip) -> "
+      "(Tensor idx, Tensor sim)");
   // Hard-negative contrastive loss (DESIGN.md op 3). row_loss [N] holds the unweighted row losses
   // (0 for ignored rows). For "mean"/"sum" the gradients are computed in the same pass when
   // grad_mask asks for them (else empty), as for contrastive_loss.
@@ -42,6 +44,13 @@ TORCH_LIBRARY(mgccl, m) {
       "hard_negative_loss_backward(Tensor row_grad, Tensor q, Tensor k, Tensor pos, "
       "Tensor neg_idx, Tensor scale, bool[3] grad_mask) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
+  // Pairwise-sigmoid (SigLIP) loss: z_ij = scale * <q_i, k_j> + bias, label +1 where i == j and
+  // -1 elsewhere, loss = -sum_ij log sigmoid(label_ij z_ij) / N (0-dim, float32 or float64).
+  // The gradients of `loss` with respect to q, k, scale and bias are computed in the same pass
+  // when grad_mask asks for them (else empty), so backward only rescales them.
+  m.def(
+      "sigmoid_contrastive_loss(Tensor q, Tensor k, Tensor scale, Tensor bias, bool[4] grad_mask) "
+      "-> (Tensor loss, Tensor grad_q, Tensor grad_k, Tensor grad_scale, Tensor grad_bias)");
   // Region merging (DESIGN.md op 5). feat [B, C, H, W]; threshold [B] floating, or None for
   // each image's automatic threshold (region_auto_threshold); connectivity 4 or 8; linkage
   // "single" or "average". labels [B, H, W] int64, compact per image (0..num[b]-1 in raster order

@@ -13,6 +13,7 @@ from mgccl_ops.ops.multi_grained import multi_grained_loss
 from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
 from mgccl_ops.ops.region_pool import region_broadcast, region_pool
 from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
+from mgccl_ops.ops.sigmoid_contrastive import sigmoid_contrastive_loss
 from mgccl_ops.triton import register as _register_triton_kernels
 
 _register_triton_kernels()  # Triton kernels for CUDA (and CPU under MGCCL_TRITON_ON_CPU=1)
@@ -33,5 +34,6 @@ __all__ = [
     "region_broadcast",
     "region_merge",
     "region_pool",
+    "sigmoid_contrastive_loss",
     "topk_hard_negatives",
 ]

@@ -59,7 +59,9 @@ def test_train_reads_an_image_caption_folder(tmp_path, capsys):
     args = ["train", "--data", f"folder:{data}", "--out-dir", str(tmp_path / "run"), "--image-size", "32",
             "--steps", "2", "--batch-size", "4", "--backend", "reference", "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert "read 4 pairs; skipped {'missing_caption': 1}" in capsys.readouterr().out
+    assert "streaming pairs from 5 images" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert set(record["skipped"]) <= {"missing_caption"}
     with pytest.raises(SystemExit, match="--data must be"):
         main(["train", "--data", "ftp:x", "--out-dir", str(tmp_path / "x")])
 
@@ -144,3 +146,16 @@ def test_eval_refuses_rgb_masks_and_missing_splits(tmp_path, small_checkpoint):
     Image.new("RGB", (16, 12), (15, 15, 15)).save(tmp_path / "SegmentationClass" / "img0.png")
     with pytest.raises(SystemExit, match="mgccl eval: mask .*img0.png is a 'RGB' image"):
         main(base)  # was: channel 0 kept
+
+
+def test_version_names_the_package_and_its_torch(capsys):
+    import mgccl_ops
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    info = mgccl_ops.build_info()
+    assert printed.startswith(f"mgccl_ops {mgccl_ops.__version__} (built for torch {info['torch_version']}, ")
+    assert ("CPU only" in printed) != info["with_cuda"]
+    assert printed.endswith(f"; running torch {torch.__version__})")

@@ -236,6 +236,7 @@ def test_torch_compile_fullgraph():
         assert_close(got, want, torch.float32)
 
 
+@pytest.mark.peak_memory
 def test_peak_memory_does_not_grow_as_n_times_m():
     """At N = M = 16384 the logits alone would take 1 GiB; the op's extra memory stays far below."""
     params = {"provider": "mgccl", "n": 16384, "d": 4, "dtype": "float32", "device": "cpu", "symmetric": False}

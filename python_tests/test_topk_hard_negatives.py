@@ -205,10 +205,13 @@ def test_properties(n, m, d, num_fraction, use_pos, groups, seed):
 
 def test_opcheck():
     q, k, pos, q_group, k_group = make_inputs(9, 11, 5, torch.float32)
+    square = torch.randn(11, 5)
     for args in [
-        (q, k, 4, pos, q_group, k_group),
-        (q, k, 0, None, None, None),
-        (q, k, 11, pos, None, None),
+        (q, k, 4, pos, q_group, k_group, False, None, None, 0),
+        (q, k, 0, None, None, None, False, None, None, 0),
+        (q, k, 11, pos, None, None, False, None, None, 0),
+        (q, k, 3, pos, q_group, k_group, False, 0.5, 0.1, 2),
+        (square, k, 4, None, None, None, True, None, None, 1),
     ]:
         torch.library.opcheck(torch.ops.mgccl.topk_hard_negatives.default, args)
 
@@ -289,6 +292,12 @@ def test_bad_input(change, error, match):
 def test_kernel_checks_without_wrapper():
     q, k, pos, q_group, k_group = make_inputs(9, 11, 5, torch.float32)
     with pytest.raises(RuntimeError, match=r"num should lie in \[0, M = 11\], got 20"):
-        torch.ops.mgccl.topk_hard_negatives.default(q, k, 20, pos, q_group, k_group)
+        torch.ops.mgccl.topk_hard_negatives.default(q, k, 20, pos, q_group, k_group, False, None, None, 0)
     with pytest.raises(RuntimeError, match=r"k_group.shape\[0\] should equal k.shape\[0\] = 11"):
-        torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, pos, q_group, k_group[:3])
+        torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, pos, q_group, k_group[:3], False, None, None, 0)
+    with pytest.raises(RuntimeError, match="skip should be >= 0, got -2"):
+        torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, pos, None, None, False, None, None, -2)
+    with pytest.raises(RuntimeError, match="exclude_self=True needs as many queries as keys, got N = 9 and M = 11"):
+        torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, pos, None, None, True, None, None, 0)
+    with pytest.raises(RuntimeError, match="margin needs pos"):
+        torch.ops.mgccl.topk_hard_negatives.default(q, k, 2, None, None, None, False, None, 0.1, 0)

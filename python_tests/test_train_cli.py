@@ -94,7 +94,7 @@ def test_resume_restores_the_data_and_refuses_conflicting_options(tmp_path, caps
     assert _train(out, "--data", f"folder:{data}", "--image-size", "32") == 0
     capsys.readouterr()
     assert main(["train", "--out-dir", str(out), "--steps", "2", "--resume", "--no-progress"]) == 0
-    assert "read 4 pairs" in capsys.readouterr().out  # was: continued on the built-in data
+    assert "streaming pairs from" in capsys.readouterr().out  # was: continued on the built-in data
     saved = checkpoint.load(out / "checkpoint.pt")
     assert saved["step"] == 2 and saved["config"]["data"] == f"folder:{data}" and saved["config"]["image_size"] == 32
     with pytest.raises(SystemExit) as refused:

@@ -258,9 +258,12 @@ def run_training_step(out_dir: Path, on_triton: bool) -> dict:
     if on_triton:
         env.update(TRITON_INTERPRET="1", MGCCL_TRITON_ON_CPU="1")
     out_dir.mkdir()
+    # Run outside the checkout: `python -c` puts the working directory first on sys.path, where
+    # the uncompiled sources would shadow the installed package.
     done = subprocess.run(
-        [sys.executable, "-c", TRAIN_STEP, str(out_dir)], env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-c", TRAIN_STEP, str(out_dir)],
+        env=env, cwd=out_dir, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out_dir / "step.pt")
 

@@ -17,11 +17,14 @@ build="$repo/build/asan"
 stage="$build/stage"
 reports="$build/reports"
 cxx="${CXX:-c++}"
+# No link-time optimisation (pybind11 turns it on for Release): an LTO link of sanitized code
+# takes many minutes.
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -g"
 start=$(date +%s)
 
 "$bin/cmake" -S . -B "$build" -G Ninja -DCMAKE_MAKE_PROGRAM="$bin/ninja" -DPython_EXECUTABLE="$python" \
-  -DCMAKE_CXX_COMPILER="$cxx" -DMGCCL_WITH_CUDA=OFF -DMGCCL_INPLACE=OFF -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_COMPILER="$cxx" -DMGCCL_WITH_CUDA=OFF -DMGCCL_INPLACE=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF \
   -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
 "$bin/cmake" --build "$build" -j "${MGCCL_JOBS:-2}"
 built=$(date +%s)
@@ -53,9 +56,21 @@ status=0
 end=$(date +%s)
 
 echo "sanitizer job: build $((built - start)) s, tests $((end - built)) s"
-if compgen -G "$reports/*" >/dev/null; then
-  echo "sanitizer reports:"
-  for f in "$reports"/*; do echo "== $f"; cat "$f"; done
+# With allocator_may_return_null, ASan still writes one warning line per refused allocation
+# ("WARNING: AddressSanitizer failed to allocate 0x... bytes"): the sweep's absurd sizes on
+# purpose. Those lines are listed but are not reports; anything else in a log is.
+found=0
+for f in "$reports"/*; do
+  [ -e "$f" ] || continue
+  if grep -qv "^==[0-9]*==WARNING: AddressSanitizer failed to allocate 0x[0-9a-f]* bytes$" "$f"; then
+    echo "== sanitizer report $f"
+    cat "$f"
+    found=1
+  else
+    echo "(refused allocation, expected: $(cat "$f"))"
+  fi
+done
+if [ "$found" = 1 ]; then
   exit 1
 fi
 echo "sanitizer reports: none"

@@ -10,7 +10,9 @@
 //   4. the edge list is updated in place of a rebuild: endpoints are renamed to their new
 //      roots, self-loops dropped, and only edges touching a merged region are deduplicated and
 //      get a new similarity; edges between untouched regions keep theirs.
-// The pixels are visited only to build the first graph.
+// The pixels are visited only to build the first graph. The pick (packed keys), the region
+// cosine (lane-ordered sums) and the union-find are those of csrc/common/, which the GPU kernel
+// runs too, so both devices merge the same pairs in every round.
 #pragma once
 
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/linkage_pick.h"
 #include "pixel_graph.h"
 #include "union_find.h"
 
@@ -37,12 +40,11 @@ class AverageLinkage {
         sums_(std::move(rows)),
         norm_(graph.grid.pixels()),
         best_(graph.grid.pixels()),
-        best_sim_(graph.grid.pixels()),
         changed_(graph.grid.pixels(), 0),
         active_(graph.grid.pixels()) {
     const int64_t n = graph.grid.pixels();
     for (int64_t p = 0; p < n; ++p) {
-      norm_[p] = graph.norm[p] / std::max(graph.norm[p], static_cast<acc_t>(kNormEps));
+      norm_[p] = unit_norm(graph.norm[p]);
       active_[p] = static_cast<int32_t>(p);
     }
     edges_.reserve(graph.grid.directions * n);
@@ -66,44 +68,32 @@ class AverageLinkage {
   const acc_t* row(int32_t r) const { return sums_.data() + static_cast<int64_t>(r) * channels_; }
   acc_t* row(int32_t r) { return sums_.data() + static_cast<int64_t>(r) * channels_; }
 
-  acc_t row_norm(int32_t r) const {
-    const acc_t* v = row(r);
-    acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t c = 0; c < channels_; ++c) total += v[c] * v[c];
-    return std::sqrt(total);
-  }
+  using Key = typename PickKeyOf<acc_t>::type;
+
+  acc_t row_norm(int32_t r) const { return norm_of_dot(lane_dot(row(r), row(r), channels_)); }
 
   acc_t similarity(int32_t a, int32_t b) const {
-    const acc_t* u = row(a);
-    const acc_t* v = row(b);
-    acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < channels_; ++c) dot += u[c] * v[c];
-    return cosine(dot, norm_[a], norm_[b]);
+    return cosine(lane_dot(row(a), row(b), channels_), norm_[a], norm_[b]);
   }
 
   void offer(int32_t r, int32_t neighbour, acc_t s) {
-    const int32_t current = best_[r];
     // A NaN similarity (a non-finite feature) is never picked, as no threshold admits it.
-    if (std::isnan(s)) return;
-    if (current < 0 || s > best_sim_[r] || (s == best_sim_[r] && neighbour < current)) {
-      best_[r] = neighbour;
-      best_sim_[r] = s;
-    }
+    if (s != s) return;
+    const Key key = pick_key(s, neighbour);
+    if (key > best_[r]) best_[r] = key;
   }
 
   // Steps 1 and 2; true when some pair merged.
   bool pick_and_unite(double threshold) {
-    for (const int32_t r : active_) best_[r] = -1;
+    for (const int32_t r : active_) best_[r] = Key{};
     for (const Edge& e : edges_) {
       offer(e.a, e.b, e.sim);
       offer(e.b, e.a, e.sim);
     }
     bool merged = false;
     for (const int32_t r : active_) {
-      if (best_[r] >= 0 && static_cast<double>(best_sim_[r]) >= threshold) {
-        merged |= sets_.unite(r, best_[r]);
+      if (!best_[r].empty() && pick_merges(best_[r].sim(), threshold)) {
+        merged |= sets_.unite(r, best_[r].neighbour());
       }
     }
     return merged;
@@ -122,7 +112,7 @@ class AverageLinkage {
       changed_[root] = 1;
       acc_t* into = row(root);
       const acc_t* from = row(r);
-      for (int64_t c = 0; c < channels_; ++c) into[c] += from[c];
+      for (int64_t c = 0; c < channels_; ++c) into[c] = exact_add(into[c], from[c]);
     }
     for (const int32_t r : roots) {
       if (changed_[r]) norm_[r] = row_norm(r);
@@ -161,8 +151,7 @@ class AverageLinkage {
   const int64_t channels_;
   std::vector<acc_t> sums_;       // [H*W, channels]: row r is the feature sum of region r
   std::vector<acc_t> norm_;       // [H*W]: |sums_ row r|
-  std::vector<int32_t> best_;     // [H*W]: the neighbour region r picked this round, or -1
-  std::vector<acc_t> best_sim_;   // [H*W]: its similarity
+  std::vector<Key> best_;         // [H*W]: region r's pick this round (empty: no neighbour)
   std::vector<uint8_t> changed_;  // [H*W]: 1 for a region that absorbed others this round
   std::vector<int32_t> active_;   // names of the current regions
   std::vector<Edge> edges_, kept_, renamed_;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "common/logsumexp.h"
 
 namespace mgccl {
 namespace {
@@ -93,17 +94,13 @@ void forward_rows(const Inputs& in, acc_t* dots, acc_t* row_lse, acc_t* row_loss
         std::fill(dot_i, dot_i + in.entries, acc_t(0));
         continue;
       }
-      acc_t top = -std::numeric_limits<acc_t>::infinity();
+      MaxSum<acc_t> state = MaxSum<acc_t>::empty();
       for (int64_t c = 0; c < in.entries; ++c) {
         const int64_t j = in.key(i, c);
         dot_i[c] = j < 0 ? acc_t(0) : dot<scalar_t, acc_t>(q + i * in.d, k + j * in.d, in.d);
-        if (j >= 0) top = std::max(top, s * dot_i[c]);
+        if (j >= 0) state.add(s * dot_i[c]);
       }
-      acc_t sum = 0;
-      for (int64_t c = 0; c < in.entries; ++c) {
-        if (in.key(i, c) >= 0) sum += std::exp(s * dot_i[c] - top);
-      }
-      row_lse[i] = top + std::log(sum);
+      row_lse[i] = state.logsumexp();
       row_loss[i] = row_lse[i] - s * dot_i[0];
     }
   });
@@ -130,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients(const Inputs& in, acc_t
       for (int64_t c = 0; c < in.entries; ++c) {
         const acc_t raw = g[c];
         const bool listed = valid && in.key(i, c) >= 0;
-        g[c] = listed ? c_rows[i] * (std::exp(s * raw - row_lse[i]) - (c == 0 ? 1 : 0)) : 0;
+        g[c] = listed ? row_logit_gradient(s * raw, row_lse[i], c_rows[i], c == 0) : acc_t(0);
         scale_row[i] += g[c] * raw;
       }
     }

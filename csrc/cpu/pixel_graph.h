@@ -2,70 +2,23 @@
 //
 // Features arrive channel-first ([C, H*W] for one image), so the similarities are accumulated
 // a few channels at a time over a chunk of pixels: every inner loop runs over contiguous pixels
-// and vectorises, and the features are read once. Average linkage also gets the normalised
-// features as rows [H*W, C] (one region per pixel to start from) from the same pass.
+// and vectorises, and the features are read once. The per-pixel arithmetic (the order of the
+// channel sums, the norm, the cosine) is common/pixel_graph.h's, which the GPU runs per pixel.
+// Average linkage also gets the normalised features as rows [H*W, C] (one region per pixel to start
+// from) from the same pass.
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "common/pixel_graph.h"
+
 namespace mgccl {
-
-// The neighbours that follow a pixel in raster order, so that every edge is listed once:
-// right, down, down-right, down-left. 4-connectivity uses the first two, 8 all four.
-struct Grid {
-  int64_t height;
-  int64_t width;
-  int directions;  // 2 (4-connectivity) or 4 (8-connectivity)
-
-  int64_t pixels() const { return height * width; }
-
-  int64_t offset(int d) const {
-    switch (d) {
-      case 0:
-        return 1;
-      case 1:
-        return width;
-      case 2:
-        return width + 1;
-      default:
-        return width - 1;
-    }
-  }
-
-  bool has_neighbour(int64_t y, int64_t x, int d) const {
-    const bool below = y + 1 < height;
-    switch (d) {
-      case 0:
-        return x + 1 < width;
-      case 1:
-        return below;
-      case 2:
-        return below && x + 1 < width;
-      default:
-        return below && x > 0;
-    }
-  }
-};
-
-// Pixels are normalised as x / max(|x|, eps), like torch.nn.functional.normalize.
-constexpr double kNormEps = 1e-12;
-
-// Cosine similarity from a dot product and two norms, clamped to [-1, 1]; 0 when a norm is 0;
-// NaN when a feature is not finite (a NaN similarity never merges).
-template <typename acc_t>
-inline acc_t cosine(acc_t dot, acc_t norm_a, acc_t norm_b) {
-  const acc_t denominator = norm_a * norm_b;
-  if (denominator == acc_t(0)) return acc_t(0);
-  return std::clamp(dot / denominator, acc_t(-1), acc_t(1));
-}
 
 template <typename acc_t>
 struct PixelGraph {
   static constexpr int64_t kChunkPixels = 2048;
-  static constexpr int kChannelGroup = 8;
 
   Grid grid;
   std::vector<acc_t> norm;  // [H*W]: the L2 norm of each pixel's feature
@@ -96,11 +49,13 @@ struct PixelGraph {
           for (int64_t p = p0; p < p1; ++p) rows[p * channels + ch] = static_cast<acc_t>(v[p]);
         }
       }
-      for (int64_t p = p0; p < p1; ++p) norm[p] = std::sqrt(norm[p]);
+      for (int64_t p = p0; p < p1; ++p) norm[p] = exact_sqrt(norm[p]);
       if (rows != nullptr) {
         for (int64_t p = p0; p < p1; ++p) {
-          const acc_t inverse = acc_t(1) / std::max(norm[p], static_cast<acc_t>(kNormEps));
-          for (int64_t c = 0; c < channels; ++c) rows[p * channels + c] *= inverse;
+          const acc_t inverse = inverse_norm(norm[p]);
+          for (int64_t c = 0; c < channels; ++c) {
+            rows[p * channels + c] = exact_mul(rows[p * channels + c], inverse);
+          }
         }
       }
     }
@@ -140,18 +95,14 @@ struct PixelGraph {
     }
   }
 
-  // out[p] += sum_k planes[k * n + p] * planes[k * n + p + off] for p in [p0, p1). The
-  // pointers never alias, which lets the compiler vectorise over p without runtime checks.
+  // out[p] += sum_k planes[k * n + p] * planes[k * n + p + off] for p in [p0, p1), in the order
+  // of group_products. The pointers never alias, which lets the compiler vectorise over p
+  // without runtime checks.
   template <int K, typename scalar_t>
   static void add_products(const scalar_t* __restrict planes, int64_t n, int64_t off, int64_t p0,
                            int64_t p1, acc_t* __restrict out) {
     for (int64_t p = p0; p < p1; ++p) {
-      acc_t total = 0;
-      for (int k = 0; k < K; ++k) {
-        total +=
-            static_cast<acc_t>(planes[k * n + p]) * static_cast<acc_t>(planes[k * n + p + off]);
-      }
-      out[p] += total;
+      out[p] = exact_add(out[p], group_products<K, acc_t>(planes, n, p, off));
     }
   }
 };

@@ -8,13 +8,16 @@ import importlib
 # Benchmark name -> module defining NAME, add_arguments(parser) and run(args).
 BENCHMARKS = {
     "contrastive": "mgccl_ops.bench.contrastive",
+    "distributed": "mgccl_ops.bench.distributed",
     "hard_negatives": "mgccl_ops.bench.hard_negatives",
     "multi_grained": "mgccl_ops.bench.multi_grained",
     "regions": "mgccl_ops.bench.regions",
+    "sigmoid_contrastive": "mgccl_ops.bench.sigmoid_contrastive",
     "training_step": "mgccl_ops.bench.training_step",
     "gpu_contrastive": "mgccl_ops.bench.gpu_contrastive",
     "gpu_mining": "mgccl_ops.bench.gpu_mining",
     "gpu_multi_grained": "mgccl_ops.bench.gpu_multi_grained",
+    "gpu_regions": "mgccl_ops.bench.gpu_regions",
 }
 
 

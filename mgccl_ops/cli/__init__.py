@@ -9,9 +9,24 @@ from collections.abc import Sequence
 from . import demo, evaluate, export, train
 
 
+def version_string() -> str:
+    """``mgccl --version``: the package version and what its compiled module was built for."""
+    import torch
+
+    from mgccl_ops import __version__, build_info
+
+    info = build_info()
+    cuda = f"CUDA {info['cuda_version']} ({info['cuda_archs']})" if info["with_cuda"] else "CPU only"
+    return (
+        f"mgccl_ops {__version__} (built for torch {info['torch_version']}, {cuda}; running torch {torch.__version__})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mgccl`` (``bench`` is parsed by the benchmark harness)."""
-    parser = argparse.ArgumentParser(prog="mgccl", description=__doc__)
+    # Raw text: the version line is printed as is, not wrapped to the terminal width.
+    parser = argparse.ArgumentParser(prog="mgccl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_string())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in (("demo", demo), ("train", train), ("eval", evaluate), ("export", export)):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)

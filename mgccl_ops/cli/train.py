@@ -4,19 +4,22 @@ Data: the built-in procedural set (default), a folder of image + .txt pairs
 (``folder:PATH``) or WebDataset-style shards (``shards:SPEC``, e.g.
 ``shards:cc3m/{00000..00099}.tar``). Entity phrases of real captions come from matching a
 concept vocabulary (``--concepts`` file, one per line; default: every class name of the
-eight benchmarks). Real pairs are read into memory once (``--limit`` caps them).
+eight benchmarks). Real pairs are streamed, decoded one at a time in the data-loader workers
+(``--limit`` caps the captions read for the small model's vocabulary). Under ``torchrun`` the
+run uses DDP across the processes; rank 0 writes the checkpoint and the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
 from ..data.benchmarks import BENCHMARKS
 from ..data.entities import ConceptVocabulary
-from ..data.pairs import ImageTextFolder, PairList, TarShards
+from ..data.stream import PairStream
 from ..models import OpenClipDualEncoder, SmallDualEncoder, split_words
 from ..train import checkpoint
 from ..train.config import RUN_FIELDS, TrainConfig
@@ -129,18 +132,15 @@ def _resumed_config(args: argparse.Namespace, out: Path, file: dict) -> TrainCon
     return cfg
 
 
-def _dataset(cfg: TrainConfig) -> PairList | None:
-    """The real image-caption pairs of ``cfg.data`` (None for the built-in data)."""
+def _dataset(cfg: TrainConfig) -> PairStream | None:
+    """The streamed image-caption pairs of ``cfg.data`` (None for the built-in data)."""
     if cfg.data == "synthetic":
         return None
     kind, _, where = cfg.data.partition(":")
-    readers = {"folder": ImageTextFolder, "shards": TarShards}
-    if kind not in readers or not where:
+    if kind not in ("folder", "shards") or not where:
         raise SystemExit(f"mgccl train: --data must be synthetic, folder:PATH or shards:SPEC, got {cfg.data!r}")
-    dataset = PairList(readers[kind](where, size=cfg.image_size, entities=_concepts(cfg.concepts)), cfg.limit)
-    print(f"read {len(dataset)} pairs; skipped {dict(dataset.skipped) or 'none'}")
-    if not len(dataset):
-        raise SystemExit(f"mgccl train: no usable image-caption pairs in {where}")
+    dataset = PairStream(kind, where, size=cfg.image_size, entities=_concepts(cfg.concepts), seed=cfg.seed)
+    print(f"streaming pairs from {len(dataset.urls)} {'shards' if kind == 'shards' else 'images'}")
     return dataset
 
 
@@ -189,9 +189,13 @@ def run(args: argparse.Namespace) -> int:
             cfg.image_size = model.image_size
     dataset = _dataset(cfg)
     if model is None and not args.resume and dataset is not None:
-        words = {w for s in dataset.samples for w in split_words(s["caption"])}
+        captions = dataset.captions(cfg.limit or 20000)
+        if not captions:
+            raise SystemExit(f"mgccl train: no usable image-caption pairs in {cfg.data}")
+        words = {w for caption in captions for w in split_words(caption)}
         torch.manual_seed(cfg.seed)
         model = SmallDualEncoder(sorted(words), dim=cfg.dim, checkpoint_activations=cfg.checkpoint_activations)
     train(cfg, resume=args.resume, model=model, dataset=dataset)
-    print(f"checkpoint: {out / 'checkpoint.pt'}  log: {out / 'log.jsonl'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {out / 'checkpoint.pt'}  log: {out / 'log.jsonl'}")
     return 0

@@ -99,7 +99,8 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(folder, stem), field.lower()
 
 
-def _caption_of(fields: dict[str, bytes]) -> str:
+def caption_of(fields: dict[str, bytes]) -> str:
+    """The caption of a sample's members: ``txt``, else the ``caption`` of ``json``; '' if none."""
     if "txt" in fields:
         return fields["txt"].decode("utf-8", errors="replace").strip()
     if "json" in fields:
@@ -150,19 +151,27 @@ class TarShards(torch.utils.data.IterableDataset):
             yield from self._emit(fields)
 
     def _emit(self, fields: dict[str, bytes]) -> Iterator[dict]:
-        caption = _caption_of(fields)
-        if not caption:
-            self.skipped["missing_caption"] += 1
-            return
-        image_field = next((f for f in fields if "." + f in IMAGE_EXTENSIONS), None)
-        try:
-            if image_field is None:
-                raise ValueError("no image member")
-            image = decode_image(fields[image_field], self.size)
-        except (OSError, ValueError, SyntaxError):
-            self.skipped["corrupt_image"] += 1
-            return
-        yield _sample(image, caption, self.entities)
+        sample = decode_fields(fields, self.size, self.entities, self.skipped)
+        if sample is not None:
+            yield sample
+
+
+def decode_fields(fields: dict, size: int | None, entities: EntityFn | None, skipped: Counter) -> dict | None:
+    """One sample from the members of a WebDataset-style sample (field name -> bytes), or
+    None after counting why in ``skipped`` (``missing_caption``, ``corrupt_image``)."""
+    caption = caption_of(fields)
+    if not caption:
+        skipped["missing_caption"] += 1
+        return None
+    image_field = next((f for f in fields if "." + f.lower() in IMAGE_EXTENSIONS), None)
+    try:
+        if image_field is None:
+            raise ValueError("no image member")
+        image = decode_image(fields[image_field], size)
+    except (OSError, ValueError, SyntaxError):
+        skipped["corrupt_image"] += 1
+        return None
+    return _sample(image, caption, entities)
 
 
 class PairList(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ from mgccl_ops.ops.multi_grained import multi_grained_loss
 from mgccl_ops.ops.region_merge import region_auto_threshold, region_merge
 from mgccl_ops.ops.region_pool import region_broadcast, region_pool
 from mgccl_ops.ops.semantic_unit import adaptive_semantic_unit
+from mgccl_ops.ops.sigmoid_contrastive import sigmoid_contrastive_loss
 
 __all__ = [
     "adaptive_semantic_unit",
@@ -16,5 +17,6 @@ __all__ = [
     "region_broadcast",
     "region_merge",
     "region_pool",
+    "sigmoid_contrastive_loss",
     "topk_hard_negatives",
 ]

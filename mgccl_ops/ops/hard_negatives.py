@@ -1,4 +1,4 @@
-"""Hard-negative mining and hard-negative loss (DESIGN.md ops 2 and 3): typed wrappers, fake
+"""Hard-negative mining and hard-negative loss (docs/ops.md): typed wrappers, fake
 impls, autograd.
 
 ``torch.ops.mgccl.topk_hard_negatives`` selects per row the most similar allowed keys without
@@ -19,13 +19,33 @@ MINE_OP = "topk_hard_negatives"
 LOSS_OP = "hard_negative_loss"
 
 
-def check_mining_inputs(q, k, num, pos, q_group, k_group) -> None:
+def _check_threshold(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{MINE_OP}: {name} should be a float or None, got {type(value).__name__}")
+    if value != value:
+        raise ValueError(f"{MINE_OP}: {name} should be a number, got nan")
+
+
+def check_mining_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip) -> None:
     """Metadata checks shared by the wrapper and the fake impl (values are checked in kernels)."""
     _checks.check_query_key_pair(MINE_OP, q, k)
-    if isinstance(num, bool) or not isinstance(num, int):
-        raise TypeError(f"{MINE_OP}: num should be an int, got {type(num).__name__}")
+    for name, count in (("num", num), ("skip", skip)):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"{MINE_OP}: {name} should be an int, got {type(count).__name__}")
     if not 0 <= num <= k.shape[0]:
         raise ValueError(f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}")
+    if skip < 0:
+        raise ValueError(f"{MINE_OP}: skip should be >= 0, got {skip}")
+    if exclude_self and q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"{MINE_OP}: exclude_self=True needs as many queries as keys, got N = {q.shape[0]} and M = {k.shape[0]}"
+        )
+    _check_threshold("max_sim", max_sim)
+    _check_threshold("margin", margin)
+    if margin is not None and pos is None:
+        raise ValueError(f"{MINE_OP}: margin needs pos (the similarity it is measured from), got pos=None")
     if pos is not None:
         _checks.check_index(MINE_OP, "pos", pos, q.shape[0], "N")
         _checks.check_same_device(MINE_OP, "pos", pos, "q", q)
@@ -47,10 +67,26 @@ def topk_hard_negatives(
     pos: torch.Tensor | None = None,
     q_group: torch.Tensor | None = None,
     k_group: torch.Tensor | None = None,
+    exclude_self: bool = False,
+    max_sim: float | None = None,
+    margin: float | None = None,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``num`` most similar allowed keys of every query, without the N x M similarities.
 
-    Key j is not allowed for row i if ``j == pos[i]`` or ``k_group[j] == q_group[i]``.
+    With ``s_ij = <q_i, k_j>`` (accumulated in float32, float64 for float64 inputs), key j is
+    not allowed for row i when any of these holds (the contract in ``docs/ops.md``):
+
+    - ``j == pos[i]`` (``pos`` given and ``pos[i] >= 0``);
+    - ``k_group[j] == q_group[i]`` (both given);
+    - ``exclude_self`` and ``j == i`` (queries and keys are the same set; needs N == M);
+    - ``max_sim`` is given and ``s_ij > max_sim`` (near-duplicates);
+    - ``margin`` is given, ``pos[i] >= 0`` and ``s_ij > s_i,pos[i] - margin`` (likely false
+      negatives, as sentence-transformers' ``mine_hard_negatives`` filters them; needs ``pos``);
+    - ``s_ij`` is NaN. (``-inf`` similarities are allowed and returned like any other.)
+
+    The allowed keys are ordered by ``s_ij`` descending, ties to the smaller index; the first
+    ``skip`` are dropped and the next ``num`` returned.
 
     Autocast (CPU, CUDA): ``q`` and ``k`` are cast to the autocast dtype (two castable dtypes
     are then accepted); the rest as given; see docs/ops.md.
@@ -62,21 +98,34 @@ def topk_hard_negatives(
         pos: optional [N] int64, each row's positive key (excluded), or -1.
         q_group: optional [N] int64 group of each row; needs ``k_group``.
         k_group: optional [M] int64 group of each key; needs ``q_group``.
+        exclude_self: key i is never row i's negative.
+        max_sim: optional upper bound on a returned similarity.
+        margin: optional distance below the row's positive similarity a key must keep.
+        skip: how many of the most similar allowed keys to pass over (>= 0).
 
     Returns:
         ``idx`` [N, num] int64 and ``sim`` [N, num] float32 (``<q_i, k_idx>``), sorted by
         similarity descending with ties to the smaller key index; ``-1`` / ``-inf`` where fewer
-        than ``num`` keys are allowed. A key of similarity ``-inf`` is allowed and returned
-        (told from padding by its index >= 0); keys whose similarity is NaN (non-finite
-        inputs) are never returned. No gradient flows.
+        than ``skip + num`` keys are allowed. No gradient flows.
     """
-    check_mining_inputs(q, k, num, pos, q_group, k_group)
-    return torch.ops.mgccl.topk_hard_negatives.default(q.detach(), k.detach(), num, pos, q_group, k_group)
+    check_mining_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip)
+    return torch.ops.mgccl.topk_hard_negatives.default(
+        q.detach(),
+        k.detach(),
+        num,
+        pos,
+        q_group,
+        k_group,
+        bool(exclude_self),
+        None if max_sim is None else float(max_sim),
+        None if margin is None else float(margin),
+        skip,
+    )
 
 
 @torch.library.register_fake("mgccl::topk_hard_negatives")
-def _topk_hard_negatives_fake(q, k, num, pos, q_group, k_group):
-    check_mining_inputs(q, k, num, pos, q_group, k_group)
+def _topk_hard_negatives_fake(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip):
+    check_mining_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip)
     n = q.shape[0]
     return q.new_empty((n, num), dtype=torch.int64), q.new_empty((n, num), dtype=torch.float32)
 

@@ -3,8 +3,9 @@
 All levels are concatenated into one call over the key bank. Row i of level l carries the
 weight ``weight_l / n_valid_l`` (``n_valid_l``: the rows of level l with a positive), so the
 "sum" reduction of one fused op is ``sum_l weight_l * mean_loss_l``: one pass over the keys
-(``torch.ops.mgccl.contrastive_loss``). With ``hard_negatives=K`` each level is mined on its
-own (``torch.ops.mgccl.topk_hard_negatives``, with that level's groups; no gradient), then one
+(``torch.ops.mgccl.contrastive_loss``). With ``hard_negatives=K`` the rows of all levels are
+mined in one ``torch.ops.mgccl.topk_hard_negatives`` call (no gradient), each row carrying its
+level's group, or a group no key has for levels without groups (:func:`row_groups`), then one
 ``torch.ops.mgccl.hard_negative_loss`` call covers the rows of all levels. The per-level means
 come from the per-row log-sum-exps or losses that the fused op returns, without another pass.
 """
@@ -72,6 +73,32 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
 def level_sums(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Sums the rows of each level: values [N] in level order, sizes [L] -> [L]."""
     return torch.stack([part.sum() for part in values.split(sizes)])
+
+
+def row_groups(levels: list[Level], k_group: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Groups for mining the rows of all levels at once: (q_group [sum N_l], k_group [M]) or
+    (None, None) when no level has groups.
+
+    A level without ``q_group`` excludes no key by group. When levels with and without groups
+    are mixed, the groups are renumbered (each key group by the position of its first occurrence
+    in the sorted ``k_group``, a row group likewise or -1 if no key has it) so that -1 names a
+    group no key has; this needs no value read back from the device.
+    """
+    if all(level.q_group is None for level in levels):
+        return None, None
+    if all(level.q_group is not None for level in levels):
+        return torch.cat([level.q_group for level in levels]), k_group
+    m = k_group.shape[0]
+    sorted_groups = torch.sort(k_group).values
+    key_ids = torch.searchsorted(sorted_groups, k_group)
+    parts = []
+    for level in levels:
+        if level.q_group is None or m == 0:
+            parts.append(torch.full_like(level.pos, -1))
+            continue
+        slot = torch.searchsorted(sorted_groups, level.q_group).clamp_max(m - 1)
+        parts.append(torch.where(sorted_groups[slot] == level.q_group, slot, -1))
+    return torch.cat(parts), key_ids
 
 
 def positive_dot_sums(levels: list[Level], k: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -187,20 +214,9 @@ def _fused_levels(
         lse_sums = level_sums(row_lse.detach() * valid, sizes)
         loss_sums = lse_sums - scale_t.detach().to(acc) * positive_dot_sums(parsed, k, acc)
     else:
+        q_group, k_group_ids = row_groups(parsed, k_group)
         num = min(hard_negatives, k.shape[0])
-        neg_idx = torch.cat(
-            [
-                topk_hard_negatives(
-                    level.q,
-                    k,
-                    num,
-                    pos=level.pos,
-                    q_group=level.q_group,
-                    k_group=k_group if level.q_group is not None else None,
-                )[0]
-                for level in parsed
-            ]
-        )
+        neg_idx, _ = topk_hard_negatives(q, k, num, pos=pos, q_group=q_group, k_group=k_group_ids)
         total, row_loss = hard_negative_loss_with_rows(q, k, pos, neg_idx, scale_t, weight=row_weight, reduction="sum")
         loss_sums = level_sums(row_loss, sizes)
     per_level = torch.where(n_valid > 0, loss_sums / n_valid.clamp_min(1), torch.zeros_like(loss_sums))

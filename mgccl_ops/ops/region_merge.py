@@ -107,9 +107,9 @@ def region_auto_threshold(feat: torch.Tensor, *, connectivity: int = 4) -> torch
     the ratio of standard deviation to MAD for normal data: one robust standard deviation below
     the typical neighbour similarity. Most neighbour pairs lie inside a region, so the median and
     the median absolute deviation describe how alike the pixels of one region are; region
-    boundaries are the outliers below. +inf for an image
-    without neighbouring pairs (1 x 1, or H or W = 0). NaN similarities (edges touching a
-    non-finite feature, which never merge) are left out, so the threshold stays finite.
+    boundaries are the outliers below. +inf for an image without neighbouring pairs (1 x 1, or
+    H or W = 0). NaN similarities (edges touching a non-finite feature, which never merge) are
+    left out, so the threshold stays finite.
 
     How it was chosen (``bench/tune_auto_threshold.py``, ``bench/results/auto_threshold.md``):
     on 144 generated 64x64 piecewise-constant images (C = 64; 4 to 48 Voronoi cells; noise of

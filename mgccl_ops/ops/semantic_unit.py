@@ -67,7 +67,11 @@ def adaptive_semantic_unit(
             )
         if guide.device != pixel_feat.device:
             raise ValueError(f"{op}: guide is on {guide.device} but pixel_feat is on {pixel_feat.device}")
-    labels, num = region_merge(guide, threshold, connectivity=connectivity, linkage=linkage)
+    try:
+        labels, num = region_merge(guide, threshold, connectivity=connectivity, linkage=linkage)
+    except (ValueError, TypeError, RuntimeError) as error:
+        # The caller passed threshold, connectivity and linkage to this op: say so.
+        raise type(error)(f"{op}: {error}") from error
     acc = accumulation_dtype(pixel_feat.dtype)
     pixels = F.normalize(pixel_feat.to(acc), dim=1, eps=EPS)
     texts = F.normalize(text_emb.to(acc), dim=1, eps=EPS)

@@ -14,6 +14,7 @@ from mgccl_ops.reference.regions import (
     region_merge,
     region_pool,
 )
+from mgccl_ops.reference.sigmoid_contrastive import sigmoid_contrastive_loss
 
 __all__ = [
     "adaptive_semantic_unit",
@@ -24,5 +25,6 @@ __all__ = [
     "region_broadcast",
     "region_merge",
     "region_pool",
+    "sigmoid_contrastive_loss",
     "topk_hard_negatives",
 ]

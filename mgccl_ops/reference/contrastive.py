@@ -17,7 +17,10 @@ def row_weights(weight: torch.Tensor | None, pos: torch.Tensor, acc: torch.dtype
 
 
 def check_finite_scale(op: str, scale: float | torch.Tensor) -> None:
-    """A non-finite scale is refused (ValueError), as the fused ops refuse it."""
+    """A non-finite scale is refused (ValueError), as the fused ops refuse it (a scale on the
+    meta device has no value to check)."""
+    if isinstance(scale, torch.Tensor) and scale.device.type == "meta":
+        return
     value = float(scale.detach()) if isinstance(scale, torch.Tensor) else float(scale)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{op}: scale should be finite, got {value}")

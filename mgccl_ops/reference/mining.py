@@ -19,13 +19,33 @@ def allowed_keys(
     pos: torch.Tensor | None = None,
     q_group: torch.Tensor | None = None,
     k_group: torch.Tensor | None = None,
+    exclude_self: bool = False,
+    sim: torch.Tensor | None = None,
+    max_sim: float | None = None,
+    margin: float | None = None,
 ) -> torch.Tensor:
-    """[N, M] bool: key j is allowed for row i unless ``j == pos[i]`` or ``k_group[j] == q_group[i]``."""
+    """[N, M] bool: whether key j may be returned for row i (the mining contract).
+
+    Key j is not allowed if ``j == pos[i]``, ``k_group[j] == q_group[i]``, ``exclude_self`` and
+    ``j == i``, ``sim[i, j] > max_sim``, ``sim[i, j] > sim[i, pos[i]] - margin`` (rows with
+    ``pos[i] >= 0``), or ``sim[i, j]`` is NaN. ``sim`` [N, M] is needed by the last three.
+    """
     allowed = torch.ones(n, m, dtype=torch.bool, device=device)
+    columns = torch.arange(m, device=device)
     if pos is not None:
-        allowed &= torch.arange(m, device=device)[None, :] != pos[:, None]
+        allowed &= columns[None, :] != pos[:, None]
     if q_group is not None and k_group is not None:
         allowed &= k_group[None, :] != q_group[:, None]
+    if exclude_self:
+        allowed &= columns[None, :] != torch.arange(n, device=device)[:, None]
+    if sim is not None:
+        allowed &= ~sim.isnan()
+        if max_sim is not None:
+            allowed &= ~(sim > torch.tensor(max_sim, dtype=sim.dtype, device=device))
+        if margin is not None and pos is not None and m > 0:
+            pos_sim = sim.gather(1, pos.clamp_min(0)[:, None])  # [N, 1]
+            bound = pos_sim - torch.tensor(margin, dtype=sim.dtype, device=device)
+            allowed &= ~((sim > bound) & (pos >= 0)[:, None])
     return allowed
 
 
@@ -37,27 +57,33 @@ def topk_hard_negatives(
     pos: torch.Tensor | None = None,
     q_group: torch.Tensor | None = None,
     k_group: torch.Tensor | None = None,
+    exclude_self: bool = False,
+    max_sim: float | None = None,
+    margin: float | None = None,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`mgccl_ops.topk_hard_negatives`.
 
-    q [N, D], k [M, D] -> idx [N, num] int64, sim [N, num] float32: per row the ``num`` allowed
-    keys of largest ``<q_i, k_j>``, descending, ties to the smaller index; ``-1`` / ``-inf``
-    where fewer keys are allowed.
+    q [N, D], k [M, D] -> idx [N, num] int64, sim [N, num] float32: per row the allowed keys
+    (:func:`allowed_keys`) ordered by ``<q_i, k_j>`` descending, ties to the smaller index, the
+    first ``skip`` dropped and the next ``num`` returned; ``-1`` / ``-inf`` where fewer remain.
     """
     acc = accumulation_dtype(q.dtype)
     n, m = q.shape[0], k.shape[0]
     with torch.no_grad():
         sim = q.to(acc) @ k.to(acc).T  # [N, M]
-        # A NaN similarity is never selected; -inf is allowed and returned like any value.
-        allowed = allowed_keys(n, m, q.device, pos, q_group, k_group) & ~sim.isnan()
-        # Stable sorts: by similarity descending (equal values keep ascending key order), then
-        # allowed keys before the others (keeping that order among each).
-        order = torch.sort(sim.masked_fill(~allowed, float("-inf")), dim=1, descending=True, stable=True).indices
-        first = torch.sort((~allowed).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
-        order = order.gather(1, first)[:, :num]
+        allowed = allowed_keys(n, m, q.device, pos, q_group, k_group, exclude_self, sim, max_sim, margin)
+        # Allowed keys first (in similarity order, -inf included), then the excluded ones: a
+        # stable sort on the rank keeps equal similarities in ascending key order.
+        order = torch.sort(sim.nan_to_num(nan=0.0), dim=1, descending=True, stable=True).indices
+        order = order.gather(1, torch.sort((~allowed.gather(1, order)).to(torch.int8), dim=1, stable=True).indices)
+        order = order[:, skip : skip + num]
         top_allowed = allowed.gather(1, order)
         idx = torch.where(top_allowed, order, torch.full_like(order, -1))
         top_sim = torch.where(top_allowed, sim.gather(1, order), float("-inf"))
+        if order.shape[1] < num:  # fewer than skip + num keys in all
+            idx = torch.cat([idx, idx.new_full((n, num - order.shape[1]), -1)], dim=1)
+            top_sim = torch.cat([top_sim, top_sim.new_full((n, num - order.shape[1]), float("-inf"))], dim=1)
     return idx, top_sim.to(torch.float32)
 
 

@@ -176,12 +176,11 @@ def region_pool(x: torch.Tensor, labels: torch.Tensor, num: torch.Tensor) -> tor
     batch, channels, height, width = x.shape
     regions = int(num.max()) if batch > 0 else 0
     acc = accumulation_dtype(x.dtype)
-    flat = labels.reshape(batch, height * width, 1)
-    one_hot = torch.zeros(batch, height * width, regions, dtype=acc)  # [B, H*W, R]
-    if flat.numel() > 0:
-        one_hot.scatter_(2, flat, 1.0)
-    sums = one_hot.transpose(1, 2) @ x.to(acc).reshape(batch, channels, height * width).transpose(1, 2)
-    counts = one_hot.sum(1)
+    flat = labels.reshape(batch, height * width)
+    rows = x.to(acc).reshape(batch, channels, height * width).transpose(1, 2)  # [B, H*W, C]
+    # Sums by scatter-add, not a one-hot matrix product: a NaN pixel stays in its own region.
+    sums = torch.zeros(batch, regions, channels, dtype=acc).scatter_add(1, flat[..., None].expand_as(rows), rows)
+    counts = torch.zeros(batch, regions, dtype=acc).scatter_add_(1, flat, torch.ones_like(flat, dtype=acc))
     return (sums / counts.clamp_min(1)[..., None]).to(x.dtype)
 
 

@@ -14,7 +14,9 @@ class TrainConfig:
     Attributes:
         out_dir: folder for ``checkpoint.pt`` and ``log.jsonl``.
         steps: optimiser steps in all.
-        batch_size: image-caption pairs per step.
+        batch_size: image-caption pairs per step (per rank and micro-step under torchrun
+            and gradient accumulation).
+        accum_steps: micro-batches accumulated into each optimiser step.
         lr, weight_decay: AdamW settings (peak learning rate).
         warmup: linear warm-up steps before the cosine decay.
         grad_clip: maximum global gradient norm (0 = no clipping).
@@ -39,7 +41,8 @@ class TrainConfig:
             JSON lines, when the ``tensorboard`` package is importable.
         data: ``synthetic``, ``folder:PATH`` or ``shards:SPEC`` (read by ``mgccl train``).
         concepts: concept vocabulary file for the entity phrases of real captions.
-        limit: read at most this many real image-caption pairs.
+        limit: captions read (no images) for the small model's vocabulary on real data
+            (default 20000); the pairs themselves are streamed.
         model: ``small`` or ``open_clip:ARCH``.
         pretrained: open_clip weights file the run started from.
 
@@ -50,6 +53,7 @@ class TrainConfig:
     out_dir: str = "runs/mgccl"
     steps: int = 300
     batch_size: int = 32
+    accum_steps: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 20

@@ -35,6 +35,10 @@ import torch
 KERNELS = {
     "contrastive_loss": "mgccl_ops.triton.contrastive:contrastive_loss",
     "contrastive_loss_backward": "mgccl_ops.triton.contrastive:contrastive_loss_backward",
+    "topk_hard_negatives": "mgccl_ops.triton.topk_hard_negatives:topk_hard_negatives",
+    "hard_negative_loss": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss",
+    "hard_negative_loss_backward": "mgccl_ops.triton.hard_negative_loss:hard_negative_loss_backward",
+    "sigmoid_contrastive_loss": "mgccl_ops.triton.sigmoid_contrastive:sigmoid_contrastive_loss",
 }
 
 PROVIDERS = ("triton", "cuda")

@@ -525,7 +525,9 @@ def contrastive_loss(
         if symmetric:
             row_loss = 0.5 * (row_lse + col_lse[pos]) - pos_logit
         row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
-    w = valid.to(acc) if weight is None else weight.to(acc) * valid
+    # Ignored rows never read their weight (docs/ops.md): exactly 0 there, even for NaN or inf.
+    zero = torch.zeros((), dtype=acc, device=q.device)
+    w = valid.to(acc) if weight is None else torch.where(valid, weight.to(acc), zero)
     if reduction == "none":
         loss = row_loss * w if weight is not None else row_loss
         c_rows = None
@@ -533,9 +535,10 @@ def contrastive_loss(
         c_rows = w
         loss = (row_loss * w).sum()
     else:
+        # Divided by the signed total weight; exactly 0 (zero gradients) only when it is 0.
         total = w.sum()
-        c_rows = torch.where(total != 0, w / total, torch.zeros_like(w))
-        loss = (row_loss * c_rows).sum()
+        c_rows = torch.where((total != 0) & valid, w / total, zero)
+        loss = torch.where(total != 0, (row_loss * c_rows).sum(), zero)
     if c_rows is None or not any(grad_mask):
         no_grads = (q.new_empty(0), k.new_empty(0), scale.new_empty(0))
         return (loss, row_lse, col_lse, *no_grads)
@@ -570,6 +573,6 @@ def contrastive_loss_backward(
         raise ValueError(
             f"contrastive_loss_backward: row_grad should have shape [N] = [{q.shape[0]}], got {tuple(row_grad.shape)}"
         )
-    c_rows = row_grad.to(acc) * (pos >= 0).to(acc)
+    c_rows = torch.where(pos >= 0, row_grad.to(acc), torch.zeros((), dtype=acc, device=row_grad.device))
     row_lse, col_lse = _aligned(row_lse.to(acc)), _aligned(col_lse.to(acc))
     return _gradients(q, k, pos, scale, scale_acc, c_rows, row_lse, col_lse, symmetric, grad_mask, d)

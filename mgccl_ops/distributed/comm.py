@@ -1,0 +1,93 @@
+"""Process-group plumbing shared by the cross-rank losses: sizes, gathers, ring neighbours.
+
+Every helper takes the ``group`` argument of the public functions (None = the default
+group) and works on any backend: gloo for CPU tensors, NCCL for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A rank's place in ``group``: its group rank, the world size and the global ranks of
+    the neighbours it sends to (``next``) and receives from (``prev``)."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world: int
+    next: int
+    prev: int
+
+
+def ring_of(op: str, group: dist.ProcessGroup | None) -> Ring:
+    """The calling rank's :class:`Ring` in ``group``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"mgccl_ops.distributed.{op}: torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first (or use mgccl_ops.{op} in one process)"
+        )
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    def global_rank(group_rank: int) -> int:
+        return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+    return Ring(group, rank, world, global_rank((rank + 1) % world), global_rank((rank - 1) % world))
+
+
+def gather_ints(ring: Ring, values: list[int], device: torch.device) -> list[list[int]]:
+    """``values`` (the same number on every rank) of every rank, in group-rank order."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(ring.world)]
+    dist.all_gather(parts, mine, group=ring.group)
+    return [part.tolist() for part in parts]
+
+
+def all_gather_rows(ring: Ring, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenation of every rank's ``x`` [sizes[r], ...] along dim 0 (no gradient).
+
+    Shards are padded to the largest size for the collective (gloo needs equal sizes).
+    """
+    longest = max(sizes)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ring.world)]
+    dist.all_gather(parts, padded.contiguous(), group=ring.group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient of the gathered
+    tensor (an all-reduce) and returns the caller's own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ring: Ring, sizes: list[int]) -> torch.Tensor:
+        ctx.ring, ctx.offset, ctx.n = ring, sum(sizes[: ring.rank]), x.shape[0]
+        return all_gather_rows(ring, x.detach(), sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.ring.group)
+        return total[ctx.offset : ctx.offset + ctx.n], None, None
+
+
+def gather_rows_with_grad(ring: Ring, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """[sum(sizes), ...]: every rank's ``x`` concatenated; the gradient of the result on all
+    ranks flows back, summed, into each rank's own ``x``."""
+    return _GatherRowsWithGrad.apply(x, ring, sizes)
+
+
+def all_reduce_sum(ring: Ring, x: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``x`` summed over the ranks."""
+    total = x.detach().clone()
+    dist.all_reduce(total, group=ring.group)
+    return total

@@ -1,0 +1,64 @@
+"""Cross-rank multi-grained loss: the key bank gathered, hard negatives mined over it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+import mgccl_ops
+from mgccl_ops.distributed.comm import all_gather_rows, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
+from mgccl_ops.ops._dtypes import accumulation_dtype
+from mgccl_ops.ops.multi_grained import parse_levels
+
+OP = "multi_grained_loss"
+
+
+def multi_grained_loss(
+    levels: Sequence[tuple],
+    k: torch.Tensor,
+    scale: float | torch.Tensor,
+    *,
+    k_group: torch.Tensor | None = None,
+    hard_negatives: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mgccl_ops.multi_grained_loss` over the levels and key banks of all ranks.
+
+    Each rank passes its own levels ``(q_l [N_l, D], pos_l [N_l], weight_l[, q_group_l])``
+    whose ``pos_l`` index its own bank ``k`` [M_r, D]. The banks are gathered (with gradient)
+    in rank order; every row sees the global bank, and ``hard_negatives`` mines over it with
+    the global ``k_group`` (group ids must mean the same on every rank, e.g. one id per phrase
+    text). The result equals the single-process call on the concatenated levels (positives
+    shifted by the bank offsets) and bank, on every rank; under DDP the parameter gradients
+    equal the single-process ones. Level weights and the number of levels must agree across
+    ranks.
+
+    Returns:
+        ``(total, per_level)``: ``sum_l weight_l * mean_loss_l`` with the means over the
+        global rows with a positive, and ``per_level`` [L] (detached).
+    """
+    parsed = parse_levels(levels, k, k_group)
+    ring = ring_of(OP, group)
+    acc = accumulation_dtype(k.dtype)
+    banks = [m for (m,) in gather_ints(ring, [k.shape[0]], k.device)]
+    offset = sum(banks[: ring.rank])
+    all_k = gather_rows_with_grad(ring, k, banks)
+    all_group = None if k_group is None else all_gather_rows(ring, k_group, banks)
+    local_valid = torch.stack([(level.pos >= 0).sum() for level in parsed]).to(acc)
+    valid = all_reduce_sum(ring, local_valid)
+    local_counts, global_counts = local_valid.tolist(), valid.tolist()
+    shifted = []
+    for level, mine, everyone in zip(parsed, local_counts, global_counts):
+        pos = torch.where(level.pos >= 0, level.pos + offset, level.pos)
+        weight = level.weight * mine / everyone if everyone else 0.0
+        shifted.append((level.q, pos, weight) + (() if level.q_group is None else (level.q_group,)))
+    local_total, local_means = mgccl_ops.multi_grained_loss(
+        shifted, all_k, scale, k_group=all_group, hard_negatives=hard_negatives
+    )
+    sums = all_reduce_sum(ring, local_means * local_valid)
+    per_level = torch.where(valid > 0, sums / valid.clamp_min(1), torch.zeros_like(sums))
+    total = all_reduce_sum(ring, local_total)
+    local = local_total * ring.world
+    return local + (total - local).detach(), per_level
