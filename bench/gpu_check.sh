@@ -136,17 +136,25 @@ fi
 
 # 6. The GPU benchmarks: every entry of mgccl_ops.bench.cli.BENCHMARKS named gpu_*, each with
 #    --device cuda --out OUT_DIR/bench and its share of the time left (--time-budget).
-benches="$(cd "$out_dir" && PYTHONPATH="$py_path" "$python" -c \
-  'from mgccl_ops.bench.cli import BENCHMARKS; print(" ".join(n for n in BENCHMARKS if n.startswith("gpu_")))' 2>/dev/null)"
+# NAME:1 where the benchmark takes --time-budget, NAME:0 where it does not.
+benches="$(cd "$out_dir" && PYTHONPATH="$py_path" "$python" -c '
+from mgccl_ops.bench.cli import BENCHMARKS, build_parser
+commands = build_parser()._subparsers._group_actions[0].choices
+for name in BENCHMARKS:
+    if name.startswith("gpu_"):
+        print(name + ":" + str(int("--time-budget" in commands[name]._option_string_actions)))
+' 2>/dev/null)"
 echo "GPU benchmarks: ${benches:-none found}"
 weight() { [ "$1" = gpu_contrastive ] && echo 3 || echo 1; }
-total_weight=0
-for bench in $benches; do total_weight=$((total_weight + $(weight "$bench"))); done
-bench_left=$((deadline - SECONDS - 20))
-for bench in $benches; do
-  share=$((bench_left * $(weight "$bench") / (total_weight > 0 ? total_weight : 1)))
+weight_left=0
+for entry in $benches; do weight_left=$((weight_left + $(weight "${entry%:*}"))); done
+for entry in $benches; do
+  bench="${entry%:*}"
+  # This benchmark's share of the time left, by weight (gpu_contrastive 3, the others 1).
+  share=$(((deadline - SECONDS - 20) * $(weight "$bench") / (weight_left > 0 ? weight_left : 1)))
+  weight_left=$((weight_left - $(weight "$bench")))
   command=("$python" -m mgccl_ops.bench "$bench" --device cuda --out "$out_dir/bench")
-  if (cd "$out_dir" && PYTHONPATH="$py_path" "$python" -m mgccl_ops.bench "$bench" --help 2>/dev/null | grep -q -- --time-budget); then
+  if [ "${entry#*:}" = 1 ]; then
     command+=(--time-budget $((share > 40 ? share - 25 : 15)))  # 25 s for start-up and the report
   fi
   if [ "$dry_run" -eq 1 ]; then
