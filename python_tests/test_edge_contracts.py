@@ -4,7 +4,6 @@ error messages. Each is checked on the fused op against its reference (the spec)
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -350,4 +349,3 @@ def test_region_ops_have_true_second_order_gradients():
     torch.autograd.gradgradcheck(
         lambda x, t: mgccl_ops.adaptive_semantic_unit(x, t, threshold=0.3), (x, text), atol=1e-6
     )
-    assert math.isfinite(float(x.sum()))
