@@ -11,16 +11,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 ENTRY = "import sys\nfrom mgccl_ops.cli import main\nsys.exit(main())\n"
 
 
 def _torchrun(tmp_path: Path, *args: str) -> None:
     script = tmp_path / "mgccl_entry.py"
     script.write_text(ENTRY)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    # The ranks import mgccl_ops as this process does (the installed package, or the checkout when
+    # PYTHONPATH says so), from outside the checkout: `-m` would put the uncompiled sources first.
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    done = subprocess.run([*command, "train", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*command, "train", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

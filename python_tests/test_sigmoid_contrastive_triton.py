@@ -23,20 +23,18 @@ from mgccl_ops import reference
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-REPO = Path(__file__).resolve().parents[1]
 in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in test_in_interpreter's subprocess")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreter")
-def test_in_interpreter():
-    env = os.environ | {
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+def test_in_interpreter(tmp_path):
+    # The subprocess imports mgccl_ops as this process does (installed, or PYTHONPATH's checkout),
+    # run from outside the checkout: `-m` would put the uncompiled sources first on sys.path.
+    env = os.environ | {"TRITON_INTERPRET": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
         env=env,
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         check=False,
