@@ -180,8 +180,12 @@ def test_nan_weight_makes_mean_and_gradients_nan():
     q, k, pos, weight, scale = make_inputs(70, 45, 47, torch.float32)
     pos[3] = 1
     weight[3] = float("nan")
-    loss, grads = loss_and_grads(mgccl_ops.contrastive_loss, q, k, pos, scale, weight=weight)
-    assert torch.isnan(loss) and all(torch.isnan(g).all() for g in grads)
+    loss, (grad_q, grad_k, grad_scale) = loss_and_grads(mgccl_ops.contrastive_loss, q, k, pos, scale, weight=weight)
+    # docs/ops.md: W is NaN, so the loss and every gradient are NaN, except the rows of grad_q of
+    # ignored rows (pos = -1), which never read their weight and stay 0.
+    kept = pos >= 0
+    assert torch.isnan(loss) and torch.isnan(grad_k).all() and torch.isnan(grad_scale)
+    assert torch.isnan(grad_q[kept]).all() and (grad_q[~kept] == 0).all() and (~kept).any()
 
 
 @on_triton
