@@ -44,6 +44,8 @@ done
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"
 python="$(command -v "$python")" || { echo "no python: set PYTHON" >&2; exit 2; }
+# Absolute (not resolved through the venv's symlink), since the steps run in other directories.
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 mkdir -p "$out_dir/logs" "$out_dir/bench"
 out_dir="$(cd "$out_dir" && pwd)"
 # 7 m 45 s on the GPU machine; a dry run (CI, a small CPU machine compiling the CUDA kernels) has no
