@@ -37,6 +37,7 @@ def test_roofline_of_mining_and_the_multi_grained_step():
 
 
 def test_contrastive_providers_compute_the_same_clip_loss_on_the_cpu():
+    pytest.importorskip("open_clip")  # an optional dependency (absent in the torch 2.13 CI job)
     n, d = 24, 16
     losses = {}
     for provider in ("mgccl (Triton)", "pytorch", "open_clip"):
@@ -88,6 +89,8 @@ def fake_measure(factory, device, *, repeats):
 def test_a_whole_run_writes_its_report(tmp_path, monkeypatch, name, argv):
     """The CUDA measurement stubbed (the steps still run, on the CPU); a provider predicted not to
     fit is skipped and named so in the report."""
+    if "open_clip" in argv:
+        pytest.importorskip("open_clip")  # an optional dependency (absent in the torch 2.13 CI job)
     monkeypatch.setattr(gpu_common, "measure", fake_measure)
     monkeypatch.setattr(gpu_common, "device_memory_bytes", lambda device: 2**21)  # a 2 MiB "device"
     args = cli.build_parser().parse_args([name, *argv, "--device", "cpu", "--out", str(tmp_path)])
