@@ -118,6 +118,30 @@ def _case_subgroup_ring(rank: int, world: int) -> None:
         torch.testing.assert_close(loss, expected, **TOL)
 
 
+def _case_ring_dtypes(rank: int, world: int) -> None:
+    """Ring mode in float32, bfloat16 and float16 (and a non-contiguous shard) gives gather
+    mode's loss and gradients within the dtype's rounding."""
+    sizes = [3, 5, 0, 4][:world]
+    tolerances = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+    for dtype, tol in tolerances.items():
+        gen = torch.Generator().manual_seed(5)
+        both = F.normalize(torch.randn(2, sum(sizes), 6, generator=gen), dim=-1)
+        results = []
+        for mode in ("gather", "ring"):
+            q, k = (x[_rows(sizes, rank)].to(dtype).clone().requires_grad_() for x in both)
+            scale = torch.tensor(7.0, requires_grad=True)
+            key_input = k.t().contiguous().t() if mode == "ring" else k  # column-major for the ring
+            loss = distributed.contrastive_loss(q, key_input, scale, mode=mode)
+            loss.backward()
+            assert loss.dtype == torch.float32 and q.grad.dtype == dtype, (loss.dtype, q.grad.dtype)
+            # A replicated scale's gradient is split between the ranks differently by the two
+            # modes; what DDP applies, the sum over the ranks, is the same.
+            dist.all_reduce(scale.grad)
+            results.append((loss.detach(), q.grad, k.grad, scale.grad))
+        for ours, theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=lambda m, t=dtype: f"{t}: {m}")
+
+
 class BankTowers(nn.Module):
     """Level queries and entity-bank keys from linear maps, unit norm, learnable scale (fp64)."""
 
@@ -280,6 +304,7 @@ CASE_WORLDS = {
     "contrastive": (2, 4),
     "open_clip": (2, 4),
     "subgroup_ring": (4,),
+    "ring_dtypes": (2, 4),
     "multi_grained": (2, 4),
     "multi_grained_shared_key": (2, 4),
     "shared_keys_must_agree": (2,),
@@ -288,6 +313,7 @@ CASES = {
     "contrastive": _case_contrastive,
     "open_clip": _case_open_clip,
     "subgroup_ring": _case_subgroup_ring,
+    "ring_dtypes": _case_ring_dtypes,
     "multi_grained": _case_multi_grained,
     "multi_grained_shared_key": _case_multi_grained_shared_key,
     "shared_keys_must_agree": _case_shared_keys_must_agree,
@@ -317,6 +343,11 @@ def test_multi_grained_shared_key_enters_the_global_bank_once(world, tmp_path_fa
 
 def test_shared_keys_must_agree_across_ranks(tmp_path_factory):
     run_case(2, "shared_keys_must_agree", tmp_path_factory)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_in_low_precision_equals_gather(world, tmp_path_factory):
+    run_case(world, "ring_dtypes", tmp_path_factory)
 
 
 def test_ring_on_a_subgroup_uses_global_peer_ranks(tmp_path_factory):
