@@ -217,9 +217,11 @@ def _add_ratios(rows: list[dict]) -> None:
         if row["provider"].startswith("ring"):
             for other in ("gather", PEER):
                 found = by_key.get((row["provider"].replace("ring", other), row["params"]["n"]))
-                if found and row["peak_mem_mib"] > 0:
+                if not found:
+                    continue
+                row[f"{other}_time_over_ring"] = found["time_ms"]["median"] / row["time_ms"]["median"]
+                if row["peak_mem_mib"] > 0:  # a tiny step may not grow the resident set at all
                     row[f"{other}_peak_over_ring"] = found["peak_mem_mib"] / row["peak_mem_mib"]
-                    row[f"{other}_time_over_ring"] = found["time_ms"]["median"] / row["time_ms"]["median"]
 
 
 def same_local_batch_summary(rows: list[dict]) -> str:
