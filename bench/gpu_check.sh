@@ -136,7 +136,24 @@ else
   step pytest 210 130 bash -c "cd '$out_dir' && PYTHONPATH='$py_path' HYPOTHESIS_PROFILE=ci '$python' -m pytest ${pytest_args[*]} -q -rfE --durations=15 --junitxml='$out_dir/pytest.xml'"
 fi
 
-# 6. The GPU benchmarks: every entry of mgccl_ops.bench.cli.BENCHMARKS named gpu_*, each with
+# 6a. With two or more GPUs: the distributed benchmark (ring against gather) on NCCL, one GPU per
+#     rank, world sizes 2 (and 4 with four GPUs), per-rank peak memory and step time.
+gpus="$(cd "$out_dir" && PYTHONPATH="$py_path" "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null)"
+gpus="${gpus:-0}"
+worlds=(2)
+[ "$gpus" -ge 4 ] && worlds=(2 4)
+command=("$python" -m mgccl_ops.bench distributed --device cuda --worlds "${worlds[@]}"
+         --batches 4096 16384 65536 --dim 512 --out "$out_dir/bench")
+if [ "$dry_run" -eq 1 ]; then
+  echo "would run with 2 or more GPUs (timeout 120s): PYTHONPATH=$py_path ${command[*]}"
+  step bench_distributed_nccl 30 10 bash -c "cd '$out_dir' && PYTHONPATH='$py_path' ${command[*]@Q} --help > /dev/null"
+elif [ "$gpus" -ge 2 ]; then
+  step bench_distributed_nccl 120 150 bash -c "cd '$out_dir' && PYTHONPATH='$py_path' ${command[*]@Q}"
+else
+  echo "== bench_distributed_nccl: not run, NCCL ring against gather needs 2 or more GPUs, this machine has $gpus"
+fi
+
+# 6b. The GPU benchmarks: every entry of mgccl_ops.bench.cli.BENCHMARKS named gpu_*, each with
 #    --device cuda --out OUT_DIR/bench and its share of the time left (--time-budget).
 # NAME:1 where the benchmark takes --time-budget, NAME:0 where it does not.
 benches="$(cd "$out_dir" && PYTHONPATH="$py_path" "$python" -c '

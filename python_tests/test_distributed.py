@@ -8,17 +8,12 @@ gather_with_grad=True) on every rank.
 
 from __future__ import annotations
 
-import datetime
-import functools
 import math
-import os
-import traceback
-from pathlib import Path
 
 import pytest
+import rank_cases
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -29,40 +24,8 @@ from mgccl_ops import distributed
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-def _worker(rank: int, world: int, store: str, cases: list[str], out: str) -> None:
-    """Runs each case on this rank and writes ``ok`` or its traceback to ``out/case.rank``."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    torch.set_num_threads(1)
-    try:
-        for case in cases:
-            try:
-                CASES[case](rank, world)
-                outcome = "ok"
-            except Exception:
-                outcome = traceback.format_exc()
-            Path(out, f"{case}.{rank}").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
-
-
-@functools.cache
-def _outcomes(world: int, folder: str) -> dict[str, list[str]]:
-    """Runs every case of ``world`` in one spawn of ``world`` processes (the interpreter start
-    is most of the cost); returns each case's outcome on each rank."""
-    cases = [name for name, worlds in CASE_WORLDS.items() if world in worlds]
-    mp.spawn(_worker, args=(world, f"{folder}/store", cases, folder), nprocs=world, join=True)
-    return {case: [Path(folder, f"{case}.{rank}").read_text() for rank in range(world)] for case in cases}
-
-
 def run_case(world: int, case: str, tmp_path_factory) -> None:
-    """Fails with the rank's traceback unless ``case`` passed on every rank."""
-    folder = str(tmp_path_factory.getbasetemp() / f"world{world}")
-    os.makedirs(folder, exist_ok=True)
-    for rank, outcome in enumerate(_outcomes(world, folder)[case]):
-        assert outcome == "ok", f"rank {rank} of {world}:\n{outcome}"
+    rank_cases.run_case(__name__, world, case, tmp_path_factory)
 
 
 class Towers(nn.Module):
@@ -155,6 +118,30 @@ def _case_subgroup_ring(rank: int, world: int) -> None:
         torch.testing.assert_close(loss, expected, **TOL)
 
 
+def _case_ring_dtypes(rank: int, world: int) -> None:
+    """Ring mode in float32, bfloat16 and float16 (and a non-contiguous shard) gives gather
+    mode's loss and gradients within the dtype's rounding."""
+    sizes = [3, 5, 0, 4][:world]
+    tolerances = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+    for dtype, tol in tolerances.items():
+        gen = torch.Generator().manual_seed(5)
+        both = F.normalize(torch.randn(2, sum(sizes), 6, generator=gen), dim=-1)
+        results = []
+        for mode in ("gather", "ring"):
+            q, k = (x[_rows(sizes, rank)].to(dtype).clone().requires_grad_() for x in both)
+            scale = torch.tensor(7.0, requires_grad=True)
+            key_input = k.t().contiguous().t() if mode == "ring" else k  # column-major for the ring
+            loss = distributed.contrastive_loss(q, key_input, scale, mode=mode)
+            loss.backward()
+            assert loss.dtype == torch.float32 and q.grad.dtype == dtype, (loss.dtype, q.grad.dtype)
+            # A replicated scale's gradient is split between the ranks differently by the two
+            # modes; what DDP applies, the sum over the ranks, is the same.
+            dist.all_reduce(scale.grad)
+            results.append((loss.detach(), q.grad, k.grad, scale.grad))
+        for ours, theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=lambda m, t=dtype: f"{t}: {m}")
+
+
 class BankTowers(nn.Module):
     """Level queries and entity-bank keys from linear maps, unit norm, learnable scale (fp64)."""
 
@@ -232,12 +219,104 @@ def _case_multi_grained(rank: int, world: int) -> None:
             _assert_grads_equal(model.module, reference, what)
 
 
-CASE_WORLDS = {"contrastive": (2, 4), "open_clip": (2, 4), "subgroup_ring": (4,), "multi_grained": (2, 4)}
+class BankTowersWithBackground(BankTowers):
+    """:class:`BankTowers` whose bank ends with one learned key, replicated on every rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.background = nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=torch.float64))
+
+    def forward(self, part_x, pixel_x, bank_x):
+        part_q, pixel_q, bank, scale = super().forward(part_x, pixel_x, bank_x)
+        return part_q, pixel_q, torch.cat([bank, F.normalize(self.background, dim=0)[None]]), scale
+
+
+BACKGROUND_GROUP = 9  # the shared key's group id, past the random groups 0..3
+
+
+def _with_background_positives(pos: torch.Tensor, bank_rows: int) -> torch.Tensor:
+    """Every third row's positive moved to the shared key (local row ``bank_rows``)."""
+    moved = pos.clone()
+    moved[1::3] = bank_rows
+    return moved
+
+
+def _case_multi_grained_shared_key(rank: int, world: int) -> None:
+    """A key replicated on every rank (a learned background) enters the global bank once:
+    DDP equals one process on [every rank's own keys, the shared key]."""
+    banks, rows = {2: ([4, 3], [[3, 5], [4, 2]]), 4: ([3, 0, 2, 3], [[2, 4], [3, 1], [0, 2], [1, 4]])}[world]
+    weights = (0.5, 1.0)
+    shards = _bank_data(world, banks, rows)
+    offsets = [sum(banks[:r]) for r in range(world)]
+    local_pos = [[_with_background_positives(s[2][lv][1], m) for lv in range(2)] for s, m in zip(shards, banks)]
+    local_group = [[torch.where(p == m, BACKGROUND_GROUP, s[2][lv][2]) for lv, p in enumerate(ps)]
+                   for s, m, ps in zip(shards, banks, local_pos)]  # fmt: skip
+
+    def global_pos(lv: int, shard: int) -> torch.Tensor:
+        pos, m = local_pos[shard][lv], banks[shard]
+        return torch.where(pos == m, sum(banks), torch.where(pos >= 0, pos + offsets[shard], -1))
+
+    bank_x = torch.cat([s[0] for s in shards])
+    k_group = torch.cat([s[1] for s in shards] + [torch.tensor([BACKGROUND_GROUP])])
+    level_x = [torch.cat([s[2][lv][0] for s in shards]) for lv in range(2)]
+    level_pos = [torch.cat([global_pos(lv, r) for r in range(world)]) for lv in range(2)]
+    level_group = [torch.cat([local_group[r][lv] for r in range(world)]) for lv in range(2)]
+    for negatives in (None, 3):
+        torch.manual_seed(1)
+        reference = BankTowersWithBackground().double()
+        part_q, pixel_q, bank, scale = reference(level_x[0], level_x[1], bank_x)
+        levels = [(q, level_pos[lv], weights[lv], level_group[lv]) for lv, q in enumerate((part_q, pixel_q))]
+        expected, expected_levels = mgccl_ops.multi_grained_loss(
+            levels, bank, scale, k_group=k_group, hard_negatives=negatives
+        )
+        expected.backward()
+
+        torch.manual_seed(1)
+        model = DistributedDataParallel(BankTowersWithBackground().double())
+        mine_bank, mine_groups, mine_levels = shards[rank]
+        part_q, pixel_q, bank, scale = model(mine_levels[0][0], mine_levels[1][0], mine_bank)
+        levels = [
+            (q, local_pos[rank][lv], weights[lv], local_group[rank][lv]) for lv, q in enumerate((part_q, pixel_q))
+        ]
+        groups = torch.cat([mine_groups, torch.tensor([BACKGROUND_GROUP])])
+        loss, per_level = distributed.multi_grained_loss(
+            levels, bank, scale, k_group=groups, hard_negatives=negatives, shared_keys=1
+        )
+        loss.backward()
+        what = f"shared key: banks={banks} rows={rows} negatives={negatives} rank={rank}"
+        torch.testing.assert_close(loss, expected.detach(), **TOL, msg=lambda m, w=what: f"{w}: loss: {m}")
+        torch.testing.assert_close(per_level, expected_levels, **TOL)
+        _assert_grads_equal(model.module, reference, what)
+
+
+def _case_shared_keys_must_agree(rank: int, world: int) -> None:
+    k = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
+    level = (k[:2], torch.tensor([0, 1]), 1.0)
+    try:
+        distributed.multi_grained_loss([level], k, 5.0, shared_keys=rank % 2)
+    except ValueError as error:
+        assert "shared_keys should be the same on every rank, got [0, 1" in str(error), error
+    else:
+        raise AssertionError("different shared_keys per rank were accepted")
+
+
+CASE_WORLDS = {
+    "contrastive": (2, 4),
+    "open_clip": (2, 4),
+    "subgroup_ring": (4,),
+    "ring_dtypes": (2, 4),
+    "multi_grained": (2, 4),
+    "multi_grained_shared_key": (2, 4),
+    "shared_keys_must_agree": (2,),
+}
 CASES = {
     "contrastive": _case_contrastive,
     "open_clip": _case_open_clip,
     "subgroup_ring": _case_subgroup_ring,
+    "ring_dtypes": _case_ring_dtypes,
     "multi_grained": _case_multi_grained,
+    "multi_grained_shared_key": _case_multi_grained_shared_key,
+    "shared_keys_must_agree": _case_shared_keys_must_agree,
 }
 
 
@@ -255,6 +334,20 @@ def test_multi_grained_ddp_gradients_equal_single_process(world, tmp_path_factor
 def test_gather_mode_equals_open_clip(world, tmp_path_factory):
     pytest.importorskip("open_clip")
     run_case(world, "open_clip", tmp_path_factory)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_multi_grained_shared_key_enters_the_global_bank_once(world, tmp_path_factory):
+    run_case(world, "multi_grained_shared_key", tmp_path_factory)
+
+
+def test_shared_keys_must_agree_across_ranks(tmp_path_factory):
+    run_case(2, "shared_keys_must_agree", tmp_path_factory)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_in_low_precision_equals_gather(world, tmp_path_factory):
+    run_case(world, "ring_dtypes", tmp_path_factory)
 
 
 def test_ring_on_a_subgroup_uses_global_peer_ranks(tmp_path_factory):

@@ -7,21 +7,12 @@ local features and of the logit scale (and bias) must agree on every rank.
 
 from __future__ import annotations
 
-import datetime
-import functools
-import os
-import traceback
-from pathlib import Path
-
 import pytest
+import rank_cases
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 pytest.importorskip("open_clip.loss")
-# The gathers go through mgccl_ops.distributed (its own branch until merged).
-pytest.importorskip("mgccl_ops.distributed")
 WORLD = 2
 LOCAL = 5
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -52,7 +43,7 @@ def _compare(ours, theirs, what):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{what}: grad {name}: {m}")
 
 
-def _case_clip(rank: int) -> None:
+def _case_clip(rank: int, world: int) -> None:
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     from mgccl_ops.nn import ClipLoss
@@ -71,7 +62,7 @@ def _case_clip(rank: int) -> None:
             _compare(ours, theirs, what)
 
 
-def _case_siglip(rank: int) -> None:
+def _case_siglip(rank: int, world: int) -> None:
     from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
     from mgccl_ops.nn import SigLipLoss
@@ -83,7 +74,7 @@ def _case_siglip(rank: int) -> None:
         _compare(ours, theirs, f"SigLipLoss {options}")
 
 
-def _case_wrong_rank(rank: int) -> None:
+def _case_wrong_rank(rank: int, world: int) -> None:
     from mgccl_ops.nn import ClipLoss
 
     image, text = _shard(rank, 3)
@@ -94,39 +85,12 @@ def _case_wrong_rank(rank: int) -> None:
 
 
 CASES = {"clip": _case_clip, "siglip": _case_siglip, "wrong_rank": _case_wrong_rank}
-
-
-def _worker(rank: int, store: str, out: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
-    )
-    torch.set_num_threads(1)
-    try:
-        for name, case in CASES.items():
-            try:
-                case(rank)
-                outcome = "ok"
-            except Exception:
-                outcome = traceback.format_exc()
-            Path(out, f"{name}.{rank}").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
-
-
-@functools.cache
-def _outcomes(folder: str) -> dict[str, list[str]]:
-    """Runs every case in one spawn of two processes; each case's outcome on each rank."""
-    mp.spawn(_worker, args=(f"{folder}/store", folder), nprocs=WORLD, join=True)
-    return {name: [Path(folder, f"{name}.{rank}").read_text() for rank in range(WORLD)] for name in CASES}
+CASE_WORLDS = dict.fromkeys(CASES, (WORLD,))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_world_size_two_equals_open_clip(case, tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "nn_world2"
-    folder.mkdir(exist_ok=True)
-    for rank, outcome in enumerate(_outcomes(str(folder))[case]):
-        assert outcome == "ok", f"rank {rank}:\n{outcome}"
+    rank_cases.run_case(__name__, WORLD, case, tmp_path_factory)
 
 
 def test_world_size_two_needs_torch_distributed():

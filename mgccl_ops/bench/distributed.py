@@ -28,9 +28,13 @@ import torch.nn.functional as F
 
 from mgccl_ops import distributed
 from mgccl_ops.bench import harness, report
+from mgccl_ops.distributed.block_logits import MIN_TILE_ROWS, tile_bytes
 
 NAME = "distributed"
 MODES = ("ring", "gather")
+# The peer: open_clip's ClipLoss with its memory-saving options (each rank's N / world rows
+# against all N, with gradient through the gather), which holds [N / world, N] logits.
+PEER = "open_clip"
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -68,15 +72,36 @@ def _peak_of(step, device: torch.device) -> float:
     return (_rss_kib("VmHWM") - before) / 1024
 
 
+def providers() -> tuple[str, ...]:
+    """Both modes, and open_clip where it is installed."""
+    try:
+        import open_clip.loss  # noqa: F401
+    except ImportError:
+        return MODES
+    return (*MODES, PEER)
+
+
 def loss_step(mode: str, n: int, dim: int, device: torch.device, seed: int):
-    """Setup factory: this rank's [n, dim] shards and one forward + backward of the loss."""
+    """Setup factory: this rank's [n, dim] shards and one forward + backward of the loss
+    (``mode``: ring, gather or open_clip)."""
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device).requires_grad_()
     k = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device).requires_grad_()
     logit_scale = torch.tensor(2.659, device=device, requires_grad=True)
+    if mode == PEER:
+        from open_clip.loss import ClipLoss
+
+        clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+
+        def loss():
+            return clip(q, k, logit_scale.exp())
+    else:
+
+        def loss():
+            return distributed.contrastive_loss(q, k, logit_scale.exp(), mode=mode)
 
     def step():
-        distributed.contrastive_loss(q, k, logit_scale.exp(), mode=mode).backward()
+        loss().backward()
         q.grad = k.grad = logit_scale.grad = None
 
     return step
@@ -114,7 +139,9 @@ def _rank_main(rank: int, world: int, store: str, settings: dict, out: str) -> N
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         results = [
-            _measure_case(mode, n_global, world, device, settings) for n_global in settings["batches"] for mode in MODES
+            _measure_case(mode, n_global, world, device, settings)
+            for n_global in settings["batches"]
+            for mode in settings["providers"]
         ]
     finally:
         dist.destroy_process_group()
@@ -160,7 +187,13 @@ def measure_world(world: int, settings: dict) -> list[dict]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     context = harness.run_context(args.device)
-    settings = {"batches": args.batches, "dim": args.dim, "repeats": args.repeats, "device": args.device}
+    settings = {
+        "batches": args.batches,
+        "dim": args.dim,
+        "repeats": args.repeats,
+        "device": args.device,
+        "providers": providers(),
+    }
     rows = []
     for world in args.worlds:
         for row in measure_world(world, settings):
@@ -177,14 +210,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """``gather_peak_over_ring``: gather's per-rank peak over ring's, same world and N."""
+    """``gather_peak_over_ring`` and ``open_clip_peak_over_ring`` (and the same for time):
+    the other providers' per-rank peak over ring's, same world and N."""
     by_key = {(row["provider"], row["params"]["n"]): row for row in rows}
     for row in rows:
         if row["provider"].startswith("ring"):
-            gather = by_key.get((row["provider"].replace("ring", "gather"), row["params"]["n"]))
-            if gather and row["peak_mem_mib"] > 0:
-                row["gather_peak_over_ring"] = gather["peak_mem_mib"] / row["peak_mem_mib"]
-                row["gather_time_over_ring"] = gather["time_ms"]["median"] / row["time_ms"]["median"]
+            for other in ("gather", PEER):
+                found = by_key.get((row["provider"].replace("ring", other), row["params"]["n"]))
+                if found and row["peak_mem_mib"] > 0:
+                    row[f"{other}_peak_over_ring"] = found["peak_mem_mib"] / row["peak_mem_mib"]
+                    row[f"{other}_time_over_ring"] = found["time_ms"]["median"] / row["time_ms"]["median"]
 
 
 def same_local_batch_summary(rows: list[dict]) -> str:
@@ -220,6 +255,8 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             ("local q + k MiB", "local_inputs_mib"),
             ("gather peak / ring peak", "gather_peak_over_ring"),
             ("gather time / ring time", "gather_time_over_ring"),
+            ("open_clip peak / ring peak", "open_clip_peak_over_ring"),
+            ("open_clip time / ring time", "open_clip_time_over_ring"),
         ],
         x_key="n",
         panels=[("time (ms)", "time_ms.median"), ("peak memory per rank (MiB)", "peak_mem_mib")],
@@ -229,11 +266,16 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             f"all ranks on one machine. Time: median of {args.repeats} runs on rank 0 after a warm-up, ranks "
             "aligned by a barrier. Peak: the largest over the ranks of the growth of a rank's resident set "
             "during one step (CPU, MALLOC_MMAP_THRESHOLD_=65536) or of torch.cuda.max_memory_allocated (CUDA); "
-            "the inputs themselves are held before the step and not counted. By design ring mode holds "
-            "O(N / world * D) per rank (its own shard, two travelling blocks, their gradient accumulators) "
-            "and gather mode O(N * D), both plus the fused kernel's bounded logits tile (at most 64 MiB, "
-            "N / world x N / world rows x keys for ring, N / world x N for gather): at a fixed world size both "
-            "grow with N; at a fixed local batch ring's peak stays nearly flat as the world grows and "
-            "gather's grows with it.\n\n" + same_local_batch_summary(rows)
+            "the inputs themselves are held before the step and not counted. Ring mode passes key blocks "
+            "around the ring and computes every logit once per pass, in row tiles of at most "
+            f"{tile_bytes(torch.device(args.device)) >> 20} MiB (at least {MIN_TILE_ROWS} rows), holding "
+            "O(N / world * D) per rank (its shard's gradients, the key block it computes on "
+            "and the one arriving, their gradient accumulators). Gather mode all-gathers q and k (O(N * D) "
+            "per rank) and runs the fused op twice (rows against all keys, keys against all rows), so each "
+            "logit is computed on two ranks; the fused CPU kernel's logits tile is at most 64 MiB. open_clip's "
+            "ClipLoss (local_loss=True, gather_with_grad=True) materialises the [N / world, N] logits, twice. "
+            "At a fixed world size every provider grows with N (a rank's own gradients are O(N / world * D)); "
+            "ring's slope is the smallest, and at a fixed local batch ring's peak stays nearly flat as the "
+            "world grows while gather's grows with it.\n\n" + same_local_batch_summary(rows)
         ),
     )

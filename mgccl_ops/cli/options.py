@@ -19,11 +19,11 @@ from pathlib import Path
 import tomllib
 
 from ..backends import BACKENDS
-from ..train.config import TrainConfig
+from ..train.config import DISTRIBUTED_MODES, TrainConfig
 from ..train.objective import ObjectiveConfig
 
 GIVEN = "given_options"
-CHOICES = {"backend": BACKENDS, "amp": ("auto", "off", "bf16", "fp16")}
+CHOICES = {"backend": BACKENDS, "amp": ("auto", "off", "bf16", "fp16"), "distributed_mode": DISTRIBUTED_MODES}
 # Types of the fields whose default is None.
 NONE_DEFAULT_TYPES = {"concepts": str, "limit": int, "pretrained": str}
 

@@ -28,7 +28,16 @@ from ..train.trainer import train
 from .options import RecordedStore, add_field_options, given_options, read_config_file, training_fields
 
 # Options that may change when a run is resumed; any other given option must equal the saved one.
-RESUME_MAY_CHANGE = ("steps", "progress", "workers", "device", "log_every", "checkpoint_every", "tensorboard")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "progress",
+    "workers",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "tensorboard",
+    "distributed_mode",
+)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int) -> None:

@@ -22,6 +22,7 @@ def multi_grained_loss(
     *,
     k_group: torch.Tensor | None = None,
     hard_negatives: int | None = None,
+    shared_keys: int = 0,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mgccl_ops.multi_grained_loss` over the levels and key banks of all ranks.
@@ -35,23 +36,43 @@ def multi_grained_loss(
     equal the single-process ones. Level weights and the number of levels must agree across
     ranks.
 
+    ``shared_keys = S`` says that the last S rows of every rank's bank (and of ``k_group``)
+    are the same keys on every rank, such as a learned background embedding: they enter the
+    global bank once, after the gathered rows, and a positive pointing at one of them points
+    at that single copy. The single-process equivalent is the concatenation of the ranks'
+    first ``M_r - S`` rows followed by the S shared rows.
+
     Returns:
         ``(total, per_level)``: ``sum_l weight_l * mean_loss_l`` with the means over the
         global rows with a positive, and ``per_level`` [L] (detached).
+
+    Raises:
+        ValueError: bad levels or bank (as the single-process op); ``shared_keys`` not in
+            ``0..M_r`` or different between ranks.
     """
     parsed = parse_levels(levels, k, k_group)
     ring = ring_of(OP, group)
+    if isinstance(shared_keys, bool) or not isinstance(shared_keys, int) or not 0 <= shared_keys <= k.shape[0]:
+        raise ValueError(f"{OP}: shared_keys should be an int in [0, {k.shape[0]}] (rows of k), got {shared_keys!r}")
     acc = accumulation_dtype(k.dtype)
-    banks = [m for (m,) in gather_ints(ring, [k.shape[0]], k.device)]
-    offset = sum(banks[: ring.rank])
-    all_k = gather_rows_with_grad(ring, k, banks)
-    all_group = None if k_group is None else all_gather_rows(ring, k_group, banks)
+    own = k.shape[0] - shared_keys
+    counts = gather_ints(ring, [own, shared_keys], k.device)
+    if len({s for _, s in counts}) > 1:
+        raise ValueError(f"{OP}: shared_keys should be the same on every rank, got {[s for _, s in counts]}")
+    banks = [m for m, _ in counts]
+    offset, gathered = sum(banks[: ring.rank]), sum(banks)
+    all_k = torch.cat([gather_rows_with_grad(ring, k[:own], banks), k[own:]])
+    all_group = None
+    if k_group is not None:
+        all_group = torch.cat([all_gather_rows(ring, k_group[:own], banks), k_group[own:]])
     local_valid = torch.stack([(level.pos >= 0).sum() for level in parsed]).to(acc)
     valid = all_reduce_sum(ring, local_valid)
     local_counts, global_counts = local_valid.tolist(), valid.tolist()
     shifted = []
     for level, mine, everyone in zip(parsed, local_counts, global_counts):
-        pos = torch.where(level.pos >= 0, level.pos + offset, level.pos)
+        to_shared = gathered - own  # a shared row's local index plus this is its global index
+        pos = torch.where(level.pos >= own, level.pos + to_shared, level.pos + offset)
+        pos = torch.where(level.pos >= 0, pos, level.pos)
         weight = level.weight * mine / everyone if everyone else 0.0
         shifted.append((level.q, pos, weight) + (() if level.q_group is None else (level.q_group,)))
     local_total, local_means = mgccl_ops.multi_grained_loss(

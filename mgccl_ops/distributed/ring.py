@@ -1,21 +1,19 @@
-"""Ring mode of the cross-rank contrastive loss (Inf-CL's scheme) as an autograd Function.
+"""Ring mode of the cross-rank contrastive loss as an autograd Function.
 
-Forward: the ranks' (q, k) shards travel around the ring (``batch_isend_irecv`` to the next
-rank, from the previous one). While the next block is in flight, the fused op computes the
-per-row log-sum-exp of the local rows against the block held now, merged into running
-log-sum-exps. A rank holds its own shard, the block it computes on and the one arriving: never
-more than two remote blocks, so memory is O(N_local * D) whatever the world size.
+Only key blocks travel. At step t rank r holds the keys of rank ``r - t`` (sent on to the
+next rank while it computes) and computes their block of logits against its own queries
+once (:mod:`mgccl_ops.distributed.block_logits`): the block's row log-sum-exps complete the
+queries' own, and, for the symmetric loss, its column log-sum-exps are merged into an
+accumulator that follows the key block one hop behind and arrives home after a full turn, with
+the key side's global log-sum-exps. Every logit of the global batch is computed once per pass
+(gather mode computes each twice, once on each side), and a rank holds its own shard, the key
+block it computes on and the one arriving: O(N_local * D) memory whatever the world size.
 
-Backward: the blocks travel around again; the fused backward op, given the global
-log-sum-exps, yields each block's share of the local rows' gradient and the gradient of the
-block's own rows, which is added to an accumulator that travels one hop behind its block and
-arrives home after a full turn. Every exchange is posted before the step's compute and waited
-after it.
-
-Non-home blocks have no positive for the local rows. The fused backward op drops rows whose
-``pos`` is -1, so each block travels with one extra zero row and ``pos`` points there: the
-zero key adds nothing to any gradient and its own (discarded) gradient absorbs the positive
-term. The positive logits ``scale <q_i, k_i>`` are handled directly.
+Backward: the key blocks travel again, each with its global column log-sum-exps; a block
+yields its share of the local queries' gradient and the gradient of its keys, which joins an
+accumulator that travels one hop behind its block and arrives home after a full turn.
+Exchanges are posted before a step's compute and waited after it. The positive logits
+``scale <q_i, k_i>`` are handled directly.
 """
 
 from __future__ import annotations
@@ -24,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from mgccl_ops.distributed.block_logits import block_gradients, block_log_sum_exps
 from mgccl_ops.distributed.comm import Ring
 from mgccl_ops.ops._dtypes import accumulation_dtype
 
 
 def _exchange(ring: Ring, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> list:
     """Posts sends to the next rank and receives from the previous one; returns the requests."""
-    ops = [dist.P2POp(dist.isend, t, ring.next, ring.group) for t in sends]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), ring.next, ring.group) for t in sends]
     ops += [dist.P2POp(dist.irecv, t, ring.prev, ring.group) for t in recvs]
     return dist.batch_isend_irecv(ops) if ops else []
 
@@ -40,14 +39,13 @@ def _wait(requests: list) -> None:
         request.wait()
 
 
-def _block_lse(rows: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[n]: log-sum-exp over the keys of ``scale * <rows_i, keys_j>`` (fused op, no gradient)."""
-    no_pos = torch.full((rows.shape[0],), -1, dtype=torch.int64, device=rows.device)
-    return torch.ops.mgccl.contrastive_loss.default(rows, keys, no_pos, scale, None, "sum", False, [False] * 3)[1]
-
-
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros((1, x.shape[1]))])
+def _send_home(ring: Ring, travelling: torch.Tensor, home_rows: int) -> torch.Tensor:
+    """After a full turn the accumulator held here belongs to the next rank: one last hop."""
+    if ring.world == 1:
+        return travelling
+    home = travelling.new_empty((home_rows, *travelling.shape[1:]))
+    _wait(_exchange(ring, [travelling], [home]))
+    return home
 
 
 class RingContrastive(torch.autograd.Function):
@@ -62,22 +60,22 @@ class RingContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, ring: Ring, sizes: list[int], symmetric: bool):
         acc = accumulation_dtype(q.dtype)
-        n = q.shape[0]
+        n, d = q.shape
         lse_q = q.new_full((n,), float("-inf"), dtype=acc)
-        lse_k = q.new_full((n if symmetric else 0,), float("-inf"), dtype=acc)
-        blocks, src = ([q, k] if symmetric else [k]), ring.rank
+        block, src, outgoing = k, ring.rank, []
         for step in range(ring.world):
             nxt = (src - 1) % ring.world
-            incoming, requests = [], []
-            if step < ring.world - 1:
-                incoming = [q.new_empty((sizes[nxt], q.shape[1])) for _ in blocks]
-                requests = _exchange(ring, [b.contiguous() for b in blocks], incoming)
-            if n and sizes[src]:
-                lse_q = torch.logaddexp(lse_q, _block_lse(q, blocks[-1], scale))
-                if symmetric:
-                    lse_k = torch.logaddexp(lse_k, _block_lse(k, blocks[0], scale))
+            incoming = [q.new_empty((sizes[nxt], d))] if step < ring.world - 1 else []
+            # The column accumulator of the block held at the last step arrives as this one's.
+            arriving = [q.new_empty((sizes[src],), dtype=acc)] if symmetric and step else []
+            requests = _exchange(ring, ([block] if incoming else []) + outgoing, incoming + arriving)
+            rows, columns = block_log_sum_exps(q, block, scale, symmetric)
+            lse_q = torch.logaddexp(lse_q, rows)
             _wait(requests)
-            blocks, src = incoming, nxt
+            if symmetric:
+                outgoing = [torch.logaddexp(arriving[0], columns) if arriving else columns]
+            block, src = (incoming[0] if incoming else None), nxt
+        lse_k = _send_home(ring, outgoing[0], n) if symmetric else lse_q.new_empty((0,))
         positive = scale.detach().to(acc) * (q.to(acc) * k.to(acc)).sum(1)
         row_loss = (0.5 * (lse_q + lse_k) if symmetric else lse_q) - positive
         ctx.save_for_backward(q, k, scale, lse_q, lse_k)
@@ -91,53 +89,33 @@ class RingContrastive(torch.autograd.Function):
         ring, sizes, symmetric = ctx.ring, ctx.sizes, ctx.symmetric
         acc = accumulation_dtype(q.dtype)
         n, d = q.shape
-        want_scale = ctx.needs_input_grad[2]
         g = grad_out.detach().to(acc)
-        row_grad = (g * (0.5 if symmetric else 1.0)).expand(n).contiguous()
-        no_lse = lse_q.new_empty((0,))
-        local_q = q.new_zeros((n, d), dtype=acc)
-        local_k = q.new_zeros((n, d), dtype=acc)
-        grad_scale = q.new_zeros((), dtype=acc)
-        # (local rows, their log-sum-exps, their gradient, index of the travelling block).
-        pairs = [(q, lse_q, local_q, -1)] + ([(k, lse_k, local_k, 0)] if symmetric else [])
-
-        def contributions(blocks: list[torch.Tensor], src: int) -> list[torch.Tensor]:
-            nonlocal grad_scale
-            if not (n and sizes[src]):
-                return [q.new_zeros((sizes[src], d), dtype=acc) for _ in blocks]
-            out = [None] * len(blocks)
-            pos = torch.full((n,), sizes[src], dtype=torch.int64, device=q.device)
-            for rows, lse, local, index in pairs:
-                grad_rows, grad_block, grad_s = torch.ops.mgccl.contrastive_loss_backward.default(
-                    row_grad, rows, blocks[index], pos, scale, lse, no_lse, False, [True, True, want_scale]
-                )
-                local += grad_rows
-                out[index] = grad_block[: sizes[src]].to(acc)  # the zero key's row is dropped
-                if want_scale:
-                    grad_scale = grad_scale + grad_s.to(acc)
-            return out
-
-        blocks = [_with_zero_row(q), _with_zero_row(k)] if symmetric else [_with_zero_row(k)]
+        row_coef = g * 0.5 if symmetric else g
+        col_coef = g * 0.5 if symmetric else None
+        to_q = q.new_zeros((n, d), dtype=acc)
+        to_scale = q.new_zeros((), dtype=acc)
+        # The travelling key block, with its global column log-sum-exps (symmetric loss).
+        block = [k, lse_k] if symmetric else [k]
         src, outgoing = ring.rank, []
         for step in range(ring.world):
             nxt = (src - 1) % ring.world
-            arriving = [q.new_empty((sizes[src], d), dtype=acc) for _ in blocks] if step else []
-            incoming = [q.new_empty((sizes[nxt] + 1, d)) for _ in blocks] if step < ring.world - 1 else []
-            requests = _exchange(ring, outgoing + (blocks if incoming else []), arriving + incoming)
-            added = contributions(blocks, src)
+            incoming = []
+            if step < ring.world - 1:
+                incoming = [q.new_empty((sizes[nxt], d))]
+                incoming += [q.new_empty((sizes[nxt],), dtype=acc)] if symmetric else []
+            arriving = [q.new_empty((sizes[src], d), dtype=acc)] if step else []
+            requests = _exchange(ring, (block if incoming else []) + outgoing, incoming + arriving)
+            col_lse = block[1] if symmetric else None
+            part_q, part_k, part_scale = block_gradients(q, block[0], scale, lse_q, row_coef, col_lse, col_coef)
+            to_q += part_q
+            to_scale += part_scale
             _wait(requests)
-            outgoing = [a.add_(c) for a, c in zip(arriving, added)] if step else added
-            blocks, src = incoming, nxt
-        home = outgoing
-        if ring.world > 1:
-            home = [q.new_empty((n, d), dtype=acc) for _ in outgoing]
-            _wait(_exchange(ring, outgoing, home))
-        if symmetric:
-            local_q += home[0]
-        local_k += home[-1]
-        scale_acc = scale.detach().to(acc)
-        grad_q = (local_q - g * scale_acc * k.to(acc)).to(q.dtype)
-        grad_k = (local_k - g * scale_acc * q.to(acc)).to(k.dtype)
-        if want_scale:
-            grad_scale = (grad_scale - g * (q.to(acc) * k.to(acc)).sum()).to(scale.dtype)
-        return grad_q, grad_k, grad_scale if want_scale else None, None, None, None
+            outgoing = [arriving[0].add_(part_k) if arriving else part_k]
+            block, src = incoming, nxt
+        to_k = _send_home(ring, outgoing[0], n)
+        s = scale.detach().to(acc)
+        qa, ka = q.to(acc), k.to(acc)
+        grad_q = (s * (to_q - g * ka)).to(q.dtype)
+        grad_k = (s * (to_k - g * qa)).to(k.dtype)
+        grad_scale = (to_scale - g * (qa * ka).sum()).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_k, grad_scale, None, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from ..distributed import MODES as DISTRIBUTED_MODES
 from .objective import ObjectiveConfig
 
 
@@ -45,6 +46,9 @@ class TrainConfig:
             (default 20000); the pairs themselves are streamed.
         model: ``small`` or ``open_clip:ARCH``.
         pretrained: open_clip weights file the run started from.
+        distributed_mode: how the object-level loss runs across ranks under torchrun:
+            ``"gather"`` (all-gather the embeddings) or ``"ring"`` (blocks travel around the
+            ring, per-rank memory O(local batch)); the gradients are the same.
 
     ``data`` to ``pretrained`` and ``image_size`` (:data:`RUN_FIELDS`) say what a run trains
     on and from; ``mgccl train --resume`` restores them from the checkpoint.
@@ -78,6 +82,7 @@ class TrainConfig:
     limit: int | None = None
     model: str = "small"
     pretrained: str | None = None
+    distributed_mode: str = "gather"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -85,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if self.distributed_mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed_mode must be one of {DISTRIBUTED_MODES}, got {self.distributed_mode!r}")
 
     def to_dict(self) -> dict:
         """Plain-data form (for checkpoints and logs)."""

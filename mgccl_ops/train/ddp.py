@@ -95,9 +95,16 @@ class GlobalPhraseIds:
 class DistributedOps:
     """The op backend for the objective under DDP: the symmetric object-level loss and the
     multi-grained loss run across ranks (:mod:`mgccl_ops.distributed`); every other op is the
-    base backend's."""
+    base backend's. ``mode`` is the contrastive loss's (``"gather"`` or ``"ring"``).
+
+    Its ops are collectives: every rank must call them, with or without data of its own.
+    """
+
+    collective = True
 
     def __init__(self, base: ModuleType, phrases: GlobalPhraseIds, mode: str = "gather"):
+        if mode not in distributed.MODES:
+            raise ValueError(f"DistributedOps: mode should be one of {distributed.MODES}, got {mode!r}")
         self.base, self.phrases, self.mode = base, phrases, mode
 
     def __getattr__(self, name: str):
@@ -111,7 +118,13 @@ class DistributedOps:
         return distributed.contrastive_loss(q, k, scale, mode=self.mode)
 
     def multi_grained_loss(self, levels, k, scale, *, k_group=None, hard_negatives=None):
+        """The keys whose group id is past this rank's phrases (the objective's learned
+        background key, the bank's last row) are the same on every rank: they enter the
+        global bank once (``shared_keys``), as in one process."""
         remap = self.phrases.remap
         levels = [tuple(level[:3]) + tuple(remap(g) for g in level[3:]) for level in levels]
+        shared = 0 if k_group is None else int((k_group >= self.phrases.table.numel()).sum())
         k_group = None if k_group is None else remap(k_group)
-        return distributed.multi_grained_loss(levels, k, scale, k_group=k_group, hard_negatives=hard_negatives)
+        return distributed.multi_grained_loss(
+            levels, k, scale, k_group=k_group, hard_negatives=hard_negatives, shared_keys=shared
+        )

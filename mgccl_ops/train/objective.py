@@ -105,18 +105,22 @@ def mgccl_loss(
         pos = torch.arange(b, device=dense.device)
         parts["object"] = ops.contrastive_loss(global_emb, caption_emb, pos, scale, symmetric=True)
         total = total + cfg.object_weight * parts["object"]
-    if not (cfg.part_weight or cfg.pixel_weight) or not bool((entity_ids >= 0).any()):
+    # Ops that run across ranks (``collective``) are called on every rank, entities or not:
+    # the other ranks wait for this one in their collectives.
+    collective = getattr(ops, "collective", False)
+    if not (cfg.part_weight or cfg.pixel_weight) or not (collective or bool((entity_ids >= 0).any())):
         return total, parts
 
     valid = entity_ids >= 0
-    slots = phrase_emb[entity_ids.clamp(min=0)]  # [B, E, D]
+    slots = torch.cat([phrase_emb, phrase_emb.new_zeros((1, d))])[entity_ids]  # [B, E, D]; empty slots (-1) get 0
     bank = slots[valid]  # [M, D]
     bank_group = entity_ids[valid]  # [M]
     bank_row = entity_bank_index(entity_ids)  # [B, E]
     entity_rows, entity_group = bank.shape[0], bank_group
     if background_emb is not None:
         bank = torch.cat([bank, F.normalize(background_emb, dim=-1).to(bank.dtype)[None]])
-        bank_group = torch.cat([bank_group, bank_group.new_full((1,), int(entity_ids.max()) + 1)])
+        # Its own group: the id after the batch's phrases (0..U-1).
+        bank_group = torch.cat([bank_group, bank_group.new_full((1,), phrase_emb.shape[0])])
     levels = []
     names = []
     if cfg.part_weight:
@@ -127,7 +131,7 @@ def mgccl_loss(
         names.append("part")
     if cfg.pixel_weight:
         pixel_pos = pixel_pseudo_labels(dense, slots, valid, bank_row, bank[entity_rows:], scale, cfg, images, grid)
-        pixel_group = torch.where(pixel_pos >= 0, bank_group[pixel_pos.clamp(min=0)], -1)
+        pixel_group = torch.cat([bank_group, bank_group.new_full((1,), -1)])[pixel_pos]  # pos -1 -> group -1
         pixels = dense.reshape(b * p, d)
         on_entity = (pixel_pos >= 0) & (pixel_pos < entity_rows)
         levels.append((pixels[on_entity], pixel_pos[on_entity], cfg.pixel_weight, pixel_group[on_entity]))
@@ -138,8 +142,9 @@ def mgccl_loss(
                 (pixels[on_background], pixel_pos[on_background], cfg.background_weight, pixel_group[on_background])
             )
             names.append("background")
-    # 0 hard negatives: the full softmax over the bank (mining 0 would leave only the positive, a loss of 0).
-    negatives = min(cfg.hard_negatives, bank.shape[0]) if cfg.hard_negatives else None
+    # 0 hard negatives: the full softmax over the bank (mining 0 would leave only the positive,
+    # a loss of 0). The op mines min(K, M) over the bank it sees (the global one across ranks).
+    negatives = cfg.hard_negatives or None
     grained, per_level = ops.multi_grained_loss(levels, bank, scale, k_group=bank_group, hard_negatives=negatives)
     for name, value in zip(names, per_level, strict=True):
         parts[name] = value
@@ -176,12 +181,19 @@ def pixel_pseudo_labels(
         images: [B, 3, H, W] (0..255) for the refinement, or None.
         grid: (h, w) of the feature grid, h * w = P.
     """
+    if slots.shape[1] == 0:  # no entity in the batch: every pixel is background, or ignored without one
+        fill = 0 if background.shape[0] else -1
+        return torch.full((dense.shape[0] * dense.shape[1],), fill, dtype=torch.int64, device=dense.device)
     sim = torch.einsum("bpd,bed->bpe", dense, slots).float().masked_fill(~valid[:, None, :], -2.0)
     scores = torch.cat([sim, (dense @ background.T).float()], -1)  # [B, P, E (+1)]
     if images is not None and grid is not None and cfg.refine_iters:
-        prob = torch.softmax(scale.float() * scores, -1)
+        # Empty slots get no probability, so a pixel's label does not depend on how many slots
+        # the batch pads to; a pixel without any candidate gets all 0 (not NaN).
+        candidate = scores > -2.0
+        logits = (scale.float() * scores).masked_fill(~candidate, float("-inf"))
+        prob = torch.softmax(logits, -1).masked_fill(~candidate, 0.0)
         prob = propagate(prob, colour_affinity(images, grid, cfg.refine_tau), grid, cfg.refine_iters)
-        choice = prob.masked_fill(scores <= -2.0, -1.0).argmax(-1)
+        choice = prob.masked_fill(~candidate, -1.0).argmax(-1)
     else:
         choice = scores.argmax(-1)
     entities = sim.shape[-1]

@@ -163,7 +163,7 @@ def _train_on(
     ops = get_ops(cfg.backend)
     phrases = ddp.GlobalPhraseIds(ctx)
     if ctx.world > 1:
-        ops = ddp.DistributedOps(ops, phrases)
+        ops = ddp.DistributedOps(ops, phrases, cfg.distributed_mode)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
