@@ -9,7 +9,10 @@ import json
 import pytest
 import torch
 
+import mgccl_ops
+from mgccl_ops import reference
 from mgccl_ops.bench import cli, gpu_common, gpu_contrastive, gpu_mining, gpu_multi_grained
+from mgccl_ops.bench.multi_grained import plain_hard_negative_loss
 
 
 def test_roofline_of_the_contrastive_step_at_32k():
@@ -59,11 +62,11 @@ def test_mining_providers_agree_on_the_cpu():
 def test_multi_grained_providers_agree_on_the_cpu(hard_negatives):
     levels, k, k_group, logit_scale = gpu_multi_grained.inputs(4, 16, "float32", "cpu")
     negatives = hard_negatives or None
-    fused = gpu_multi_grained.mgccl_ops.multi_grained_loss(levels, k, 2.0, k_group=k_group, hard_negatives=negatives)
+    fused = mgccl_ops.multi_grained_loss(levels, k, 2.0, k_group=k_group, hard_negatives=negatives)
     if negatives is None:
-        plain = gpu_multi_grained.reference.multi_grained_loss(levels, k, 2.0, k_group=k_group)[0]
+        plain = reference.multi_grained_loss(levels, k, 2.0, k_group=k_group)[0]
     else:
-        plain = gpu_multi_grained.plain_hard_negative_loss(levels, k, 2.0, k_group, negatives)
+        plain = plain_hard_negative_loss(levels, k, 2.0, k_group, negatives)
     torch.testing.assert_close(fused[0], plain, rtol=1e-5, atol=1e-5)
     for provider in gpu_multi_grained.PROVIDERS:
         gpu_multi_grained.step_factory(provider, 4, 16, "float32", hard_negatives, "cpu")()()

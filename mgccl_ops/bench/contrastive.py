@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -19,15 +18,20 @@ from mgccl_ops import reference
 from mgccl_ops.bench import harness, report
 
 NAME = "contrastive"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _features(n: int, d: int, dtype: str, device: str, seed: int = 0):
+def unit_features(n: int, d: int, dtype: str, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm q, k [n, d] of ``dtype`` on ``device`` (leaves), drawn on the CPU from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
-    q = q.to(device=device, dtype=DTYPES[dtype]).requires_grad_()
-    k = k.to(device=device, dtype=DTYPES[dtype]).requires_grad_()
+    q = q.to(device=device, dtype=harness.DTYPES[dtype]).requires_grad_()
+    k = k.to(device=device, dtype=harness.DTYPES[dtype]).requires_grad_()
+    return q, k
+
+
+def _features(n: int, d: int, dtype: str, device: str, seed: int = 0):
+    q, k = unit_features(n, d, dtype, device, seed)
     logit_scale = torch.tensor(2.659, device=device, requires_grad=True)  # log(1 / 0.07), CLIP's init
     return q, k, logit_scale
 
@@ -57,17 +61,21 @@ def loss_step(provider: str, n: int, d: int, dtype: str, device: str, symmetric:
 
 
 def mm_step(n: int, d: int, dtype: str, device: str) -> Callable[[], None]:
-    """Setup factory: one [n, d] x [d, n] product."""
-    q, k, _ = _features(n, d, dtype, device)
-    q, k = q.detach(), k.detach()
+    """Setup factory: one [n, d] x [d, n] product (of the loss step's q and k)."""
+    q, k = (t.detach() for t in unit_features(n, d, dtype, device))
     return lambda: torch.mm(q, k.T)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sizes (N = M), --dim, --dtype and --device of the contrastive benchmarks."""
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(harness.DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_shape_arguments(parser)
     parser.add_argument("--symmetric-max", type=int, default=16384, help="largest N for the symmetric (CLIP) rows")
     parser.add_argument(
         "--materialising-max",
@@ -75,8 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16384,
         help="largest N for the providers that hold N x M matrices (pytorch, open_clip: ~20 GiB at 32768)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    harness.add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -94,26 +101,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                 params = {"provider": provider, "n": n, "symmetric": symmetric, **common}
                 name = f"{provider} (symmetric)" if symmetric else provider
                 cases.append((name, "mgccl_ops.bench.contrastive:loss_step", params, 6 * n * n * args.dim))
-        for name, factory, params, flops in cases:
-            step = harness.resolve(factory)(**params)
-            timing = harness.time_step(step, args.device, repeats=args.repeats)
-            del step
-            row = {
-                "bench": NAME,
-                "provider": name,
-                "params": {"n": n, "d": args.dim, "dtype": args.dtype},
-                "time_ms": timing,
-                "gflops": flops / (timing["median"] * 1e6),
-                "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
-                **context,
-            }
-            rows.append(row)
-            print(
-                f"{name:22s} n={n:6d}  {timing['median']:10.1f} ms  {row['gflops']:7.1f} GFLOP/s  "
-                f"peak {row['peak_mem_mib']} MiB",
-                flush=True,
-            )
+        rows += measure_gflops_cases(NAME, cases, n, args, context, name_width=22)
         _write(rows, args, context)  # after every size, so a later failure keeps what was measured
+    return rows
+
+
+def measure_gflops_cases(
+    bench: str, cases: list[tuple], n: int, args: argparse.Namespace, context: dict, name_width: int
+) -> list[dict]:
+    """The rows of the cases ``(provider, factory path, factory params, flops)`` of one N = M (at
+    ``args.dim``, ``args.dtype``, ``args.device``, ``args.repeats``), each with its GFLOP/s, printed."""
+    rows = []
+    for name, factory, params, flops in cases:
+        row = harness.measure_case(
+            bench,
+            name,
+            factory,
+            params,
+            {"n": n, "d": args.dim, "dtype": args.dtype},
+            context,
+            device=args.device,
+            repeats=args.repeats,
+            derived=lambda timing, flops=flops: {"gflops": flops / (timing["median"] * 1e6)},
+        )
+        rows.append(row)
+        print(
+            f"{name:{name_width}s} n={n:6d}  {row['time_ms']['median']:10.1f} ms  {row['gflops']:7.1f} GFLOP/s  "
+            f"peak {row['peak_mem_mib']} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -127,9 +143,7 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
         columns=[
             ("provider", "provider"),
             ("N = M", "params.n"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
+            *report.TIME_COLUMNS,
             ("time / pytorch", "time_vs_pytorch"),
             ("GFLOP/s", "gflops"),
             ("% of torch.mm GFLOP/s", "percent_of_mm"),
@@ -137,7 +151,6 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             ("pytorch peak / peak", "memory_saving"),
         ],
         x_key="n",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs "
             "after one warm-up; peak memory is the growth of the process's resident set during one step "
@@ -157,7 +170,5 @@ def _add_ratios(rows: list[dict]) -> None:
         mm = by_key.get(("torch.mm", n))
         if mm is not None and row["provider"] != "torch.mm":
             row["percent_of_mm"] = 100 * row["gflops"] / mm["gflops"]
-        if baseline is not None and row["provider"] != "torch.mm":
-            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
-            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
-                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]
+        if row["provider"] != "torch.mm":
+            report.add_ratios(row, baseline, "time_vs_pytorch", baseline)

@@ -13,9 +13,11 @@ rates is the floor its measured time is read against.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -24,7 +26,6 @@ from mgccl_ops.bench import harness
 BF16_TENSOR_FLOPS = 790e12
 MEMORY_BYTES_PER_S = 4.3e12
 ROOFLINE_SHAPE = {"n": 32768, "m": 32768, "d": 512}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MEMORY_FRACTION = 0.8  # skip a provider whose predicted peak exceeds this share of the device
 
 
@@ -104,6 +105,60 @@ class Budget:
 
     def spent(self) -> bool:
         return self.left() <= 0
+
+
+class Sweep:
+    """The cases of one GPU benchmark run: what they share, and one row per case (:meth:`row`)."""
+
+    def __init__(self, bench: str, context: dict, args: argparse.Namespace, budget: Budget, size_key: str):
+        """``args``: the benchmark's options (``device``, ``repeats``); ``size_key``: the params
+        entry printed as the case's size."""
+        self.bench, self.context, self.budget, self.size_key = bench, context, budget, size_key
+        self.device, self.repeats = args.device, args.repeats
+
+    def row(
+        self,
+        provider: str,
+        params: dict,
+        factory: Callable[[], Callable[[], object]],
+        predicted_bytes: float,
+        line: dict,
+        *,
+        unsupported: str | None = None,
+        with_tflops: bool = False,
+    ) -> dict:
+        """One case's row. Not run once the budget is spent; skipped where ``unsupported`` (the
+        reason) or where ``predicted_bytes`` would not fit; else measured (:func:`measure`) with
+        the floor of its roofline ``line`` (and, ``with_tflops``, its rate of ``line["flops"]``)
+        when it ran, and printed."""
+        if self.budget.spent():
+            return skipped_row(self.bench, provider, params, "not run: time budget spent", self.context)
+        if unsupported:
+            return skipped_row(self.bench, provider, params, unsupported, self.context)
+        if not fits(predicted_bytes, self.device):
+            return skipped_row(self.bench, provider, params, "skipped: would not fit", self.context)
+        result = measure(factory, self.device, repeats=self.repeats)
+        row = {"bench": self.bench, "provider": provider, "params": params, **result, **self.context}
+        if "time_ms" in result:
+            if with_tflops:
+                row["tflops"] = line["flops"] / (result["time_ms"]["median"] * 1e9)
+            row["floor_ms"] = line["floor_ms"]
+            row["percent_of_floor"] = 100 * line["floor_ms"] / result["time_ms"]["median"]
+        print_row(row, self.size_key)
+        return row
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, time_budget: float) -> None:
+    """The options every GPU benchmark ends with: --device, --repeats, --time-budget, --out."""
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=time_budget, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+
+
+# Table columns of the GPU benchmarks: a row's roofline floor, and why a row has no time.
+FLOOR_COLUMNS = (("roofline floor ms", "floor_ms"), ("% of floor", "percent_of_floor"))
+STATUS_COLUMNS = (("not run", "skipped"), ("error", "error"))
 
 
 def skipped_row(bench: str, provider: str, params: dict, reason: str, context: dict) -> dict:

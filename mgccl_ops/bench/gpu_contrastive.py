@@ -43,8 +43,8 @@ def features(n: int, d: int, dtype: str, device: str, seed: int = 0):
     generator = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(n, d, generator=generator, device=device)
     k = torch.randn(n, d, generator=generator, device=device)
-    q = torch.nn.functional.normalize(q, dim=1).to(gpu_common.DTYPES[dtype]).requires_grad_()
-    k = torch.nn.functional.normalize(k, dim=1).to(gpu_common.DTYPES[dtype]).requires_grad_()
+    q = torch.nn.functional.normalize(q, dim=1).to(harness.DTYPES[dtype]).requires_grad_()
+    k = torch.nn.functional.normalize(k, dim=1).to(harness.DTYPES[dtype]).requires_grad_()
     logit_scale = torch.tensor(2.659, device=device, requires_grad=True)
     return q, k, logit_scale
 
@@ -87,7 +87,7 @@ def step_factory(provider: str, n: int, d: int, dtype: str, device: str) -> Call
 
 def predicted_peak_bytes(provider: str, n: int, d: int, dtype: str) -> float:
     """A generous estimate of the step's peak beyond the inputs (for skipping, not reporting)."""
-    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    element = torch.empty((), dtype=harness.DTYPES[dtype]).element_size()
     matrix = n * n
     if provider == "pytorch":
         return 16 * matrix  # float32 logits, their softmax and gradient, the column direction
@@ -105,7 +105,7 @@ def flops(n: int, d: int, provider: str) -> float:
 
 def bytes_moved(n: int, d: int, dtype: str, provider: str) -> float:
     """Least traffic: q and k read twice and both gradients written (torch.mm: inputs and output)."""
-    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    element = torch.empty((), dtype=harness.DTYPES[dtype]).element_size()
     if provider == "torch.mm":
         return 2 * n * d * element + n * n * element
     return 6 * n * d * element
@@ -114,13 +114,10 @@ def bytes_moved(n: int, d: int, dtype: str, provider: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 131072, 262144])
     parser.add_argument("--dims", type=int, nargs="+", default=[512, 768])
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(gpu_common.DTYPES), default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(harness.DTYPES), default=["bfloat16", "float32"])
     parser.add_argument("--float32-max", type=int, default=65536, help="largest N for float32 (IEEE, ~12x slower)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--time-budget", type=float, default=170.0, help="seconds for the whole run")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    gpu_common.add_run_arguments(parser, time_budget=170.0)
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # the CUDA C++ subprocess
 
 
@@ -134,30 +131,18 @@ def grid(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def run_cases(args: argparse.Namespace, providers: list[str], budget: gpu_common.Budget) -> list[dict]:
-    context = harness.run_context(args.device)
+    sweep = gpu_common.Sweep(NAME, harness.run_context(args.device), args, budget, size_key="n")
     rows = []
     for dtype, d, n in grid(args):
         for provider in providers:
-            params = {"n": n, "d": d, "dtype": dtype}
-            if budget.spent():
-                rows.append(gpu_common.skipped_row(NAME, provider, params, "not run: time budget spent", context))
-                continue
-            if provider == "inf_cl" and d % 256:
-                rows.append(gpu_common.skipped_row(NAME, provider, params, "Inf-CL needs D % 256 == 0", context))
-                continue
-            if not gpu_common.fits(predicted_peak_bytes(provider, n, d, dtype), args.device):
-                rows.append(gpu_common.skipped_row(NAME, provider, params, "skipped: would not fit", context))
-                continue
             factory = step_factory(provider, n, d, dtype, args.device)
-            result = gpu_common.measure(factory, args.device, repeats=args.repeats)
-            row = {"bench": NAME, "provider": provider, "params": params, **result, **context}
-            if "time_ms" in result:
-                line = gpu_common.roofline(flops(n, d, provider), bytes_moved(n, d, dtype, provider))
-                row["tflops"] = flops(n, d, provider) / (result["time_ms"]["median"] * 1e9)
-                row["floor_ms"] = line["floor_ms"]
-                row["percent_of_floor"] = 100 * line["floor_ms"] / result["time_ms"]["median"]
-            rows.append(row)
-            gpu_common.print_row(row, "n")
+            predicted = predicted_peak_bytes(provider, n, d, dtype)
+            line = gpu_common.roofline(flops(n, d, provider), bytes_moved(n, d, dtype, provider))
+            unsupported = "Inf-CL needs D % 256 == 0" if provider == "inf_cl" and d % 256 else None
+            params = {"n": n, "d": d, "dtype": dtype}
+            rows.append(
+                sweep.row(provider, params, factory, predicted, line, unsupported=unsupported, with_tflops=True)
+            )
     return rows
 
 
@@ -216,18 +201,13 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
             ("dtype", "params.dtype"),
             ("D", "params.d"),
             ("N = M", "params.n"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
+            *report.TIME_COLUMNS,
             ("TFLOP/s", "tflops"),
-            ("roofline floor ms", "floor_ms"),
-            ("% of floor", "percent_of_floor"),
+            *gpu_common.FLOOR_COLUMNS,
             ("peak MiB", "peak_mem_mib"),
-            ("not run", "skipped"),
-            ("error", "error"),
+            *gpu_common.STATUS_COLUMNS,
         ],
         x_key="n",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs after "
             "one warm-up; peak memory is torch.cuda.max_memory_allocated during one step minus the inputs. "
@@ -238,5 +218,5 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         ),
     )
     first = [r for r in rows if r["params"].get("dtype") == args.dtypes[0] and r["params"].get("d") == args.dims[0]]
-    report.plot(first, "n", [("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
+    report.plot(first, "n", report.TIME_AND_MEMORY_PANELS,
                 f"contrastive_loss (CLIP), {args.dtypes[0]}, D = {args.dims[0]}", args.out / f"{NAME}.png")  # fmt: skip

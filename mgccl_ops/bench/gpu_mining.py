@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import mgccl_ops
 from mgccl_ops.bench import gpu_common, harness, report
+from mgccl_ops.bench.hard_negatives import drop_positive, mm_topk_step
 
 NAME = "gpu_mining"
 PROVIDERS = ("mgccl", "torch.mm + topk", "faiss-gpu")
@@ -30,18 +30,12 @@ def step_factory(provider: str, n: int, d: int, num: int, dtype: str, device: st
         generator = torch.Generator(device=device).manual_seed(0)
         q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator, device=device), dim=1)
         k = torch.nn.functional.normalize(torch.randn(n, d, generator=generator, device=device), dim=1)
-        q, k = q.to(gpu_common.DTYPES[dtype]), k.to(gpu_common.DTYPES[dtype])
+        q, k = q.to(harness.DTYPES[dtype]), k.to(harness.DTYPES[dtype])
         pos = torch.arange(n, device=device)
         if provider == "mgccl":
             return lambda: mgccl_ops.topk_hard_negatives(q, k, num, pos=pos)
         if provider == "torch.mm + topk":
-
-            def mm_topk():
-                sim = q @ k.T
-                sim.scatter_(1, pos[:, None], float("-inf"))
-                return torch.topk(sim, num, dim=1)
-
-            return mm_topk
+            return mm_topk_step(q, k, pos, num)
         if provider == "faiss-gpu":
             import faiss
             import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch CUDA tensors)
@@ -53,9 +47,7 @@ def step_factory(provider: str, n: int, d: int, num: int, dtype: str, device: st
                 index = faiss.GpuIndexFlatIP(resources, d)
                 index.add(k32)
                 sim, idx = index.search(q32, num + 1)
-                keep = torch.sort((idx != pos[:, None]).to(torch.int8), dim=1, descending=True, stable=True)
-                order = keep.indices[:, :num]
-                return idx.gather(1, order), sim.gather(1, order)
+                return drop_positive(idx, sim, pos, num)
 
             return faiss_search
         raise ValueError(f"unknown provider {provider!r}")
@@ -64,7 +56,7 @@ def step_factory(provider: str, n: int, d: int, num: int, dtype: str, device: st
 
 
 def predicted_peak_bytes(provider: str, n: int, num: int, dtype: str) -> float:
-    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    element = torch.empty((), dtype=harness.DTYPES[dtype]).element_size()
     if provider == "torch.mm + topk":
         return 2 * n * n * element + n * num * 16
     return 4 * n * num * 12 + 2**28
@@ -74,17 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--nums", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(gpu_common.DTYPES), default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(harness.DTYPES), default=["bfloat16", "float32"])
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--time-budget", type=float, default=60.0, help="seconds for the whole run")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    gpu_common.add_run_arguments(parser, time_budget=60.0)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    budget = gpu_common.Budget(args.time_budget)
     context = harness.run_context(args.device)
+    sweep = gpu_common.Sweep(NAME, context, args, gpu_common.Budget(args.time_budget), size_key="n")
     rows = []
     for dtype in args.dtypes:
         for num in args.nums:
@@ -92,28 +81,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for provider in args.providers:
                     name = f"{provider} (num={num}, {dtype})"
                     params = {"n": n, "d": args.dim, "num": num, "dtype": dtype}
-                    if budget.spent():
-                        rows.append(gpu_common.skipped_row(NAME, name, params, "not run: time budget spent", context))
-                        continue
-                    if not gpu_common.fits(predicted_peak_bytes(provider, n, num, dtype), args.device):
-                        rows.append(gpu_common.skipped_row(NAME, name, params, "skipped: would not fit", context))
-                        continue
                     factory = step_factory(provider, n, args.dim, num, dtype, args.device)
-                    result = gpu_common.measure(factory, args.device, repeats=args.repeats)
-                    row = {"bench": NAME, "provider": name, "params": params, **result, **context}
-                    if "time_ms" in result:
-                        line = roofline(n, args.dim, num, dtype)
-                        row["floor_ms"] = line["floor_ms"]
-                        row["percent_of_floor"] = 100 * line["floor_ms"] / result["time_ms"]["median"]
-                    rows.append(row)
-                    gpu_common.print_row(row, "n")
+                    predicted = predicted_peak_bytes(provider, n, num, dtype)
+                    rows.append(sweep.row(name, params, factory, predicted, roofline(n, args.dim, num, dtype)))
     write(rows, args, context)
     return rows
 
 
 def roofline(n: int, d: int, num: int, dtype: str) -> dict:
     """2 N M D FLOPs of the similarities; q and k read once, idx (int64) and sim (fp32) written."""
-    element = torch.empty((), dtype=gpu_common.DTYPES[dtype]).element_size()
+    element = torch.empty((), dtype=harness.DTYPES[dtype]).element_size()
     return gpu_common.roofline(2 * n * n * d, 2 * n * d * element + n * num * 12)
 
 
@@ -131,17 +108,12 @@ def write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             ("provider", "provider"),
             ("dtype", "params.dtype"),
             ("N = M", "params.n"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
-            ("roofline floor ms", "floor_ms"),
-            ("% of floor", "percent_of_floor"),
+            *report.TIME_COLUMNS,
+            *gpu_common.FLOOR_COLUMNS,
             ("peak MiB", "peak_mem_mib"),
-            ("not run", "skipped"),
-            ("error", "error"),
+            *gpu_common.STATUS_COLUMNS,
         ],
         x_key="n",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs after one "
             "warm-up; peak memory is torch.cuda.max_memory_allocated during one step minus the inputs (faiss's "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -33,6 +32,26 @@ def _features(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return q, k
 
 
+def mm_topk_step(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, num: int) -> Callable[[], object]:
+    """The ``torch.mm + topk`` provider's step: the [N, M] similarities, each row's positive set
+    to -inf, ``torch.topk`` of ``num``."""
+
+    def mm_topk():
+        sim = q @ k.T
+        sim.scatter_(1, pos[:, None], float("-inf"))
+        return torch.topk(sim, num, dim=1)
+
+    return mm_topk
+
+
+def drop_positive(idx: torch.Tensor, sim: torch.Tensor, pos: torch.Tensor, num: int) -> tuple[torch.Tensor, ...]:
+    """faiss's ``num + 1`` results per row (idx, sim [N, num + 1]) without the row's positive:
+    the first ``num`` others, in order."""
+    keep = torch.sort((idx != pos[:, None]).to(torch.int8), dim=1, descending=True, stable=True)
+    order = keep.indices[:, :num]
+    return idx.gather(1, order), sim.gather(1, order)
+
+
 def mining_step(provider: str, n: int, d: int, num: int, device: str = "cpu") -> Callable[[], object]:
     """Setup factory: N = M queries and keys [n, d] (float32, on ``device``); the step mines ``num``
     per row. faiss runs on the CPU only here (``gpu_mining`` has faiss-gpu)."""
@@ -41,13 +60,7 @@ def mining_step(provider: str, n: int, d: int, num: int, device: str = "cpu") ->
     if provider == "mgccl":
         return lambda: mgccl_ops.topk_hard_negatives(q, k, num, pos=pos)
     if provider == "torch.mm + topk":
-
-        def mm_topk():
-            sim = q @ k.T
-            sim.scatter_(1, pos[:, None], float("-inf"))
-            return torch.topk(sim, num, dim=1)
-
-        return mm_topk
+        return mm_topk_step(q, k, pos, num)
     if provider == "faiss":
         if device != "cpu":
             raise ValueError("the faiss provider runs on the CPU; faiss-gpu is in the gpu_mining benchmark")
@@ -59,9 +72,7 @@ def mining_step(provider: str, n: int, d: int, num: int, device: str = "cpu") ->
             index = faiss.IndexFlatIP(d)
             index.add(k_np)
             sim, idx = (torch.from_numpy(a) for a in index.search(q_np, num + 1))
-            keep = torch.sort((idx != pos[:, None]).to(torch.int8), dim=1, descending=True, stable=True)
-            order = keep.indices[:, :num]
-            return idx.gather(1, order), sim.gather(1, order)
+            return drop_positive(idx, sim, pos, num)
 
         return faiss_search
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -79,8 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip torch.mm + topk where its N x M float32 similarities exceed this",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (faiss only on the CPU)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    harness.add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -97,18 +107,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if provider == "faiss" and args.device != "cpu":
                     continue
                 params = {"provider": provider, "n": n, "d": args.dim, "num": num, "device": args.device}
-                step = harness.resolve(factory)(**params)
-                timing = harness.time_step(step, args.device, repeats=args.repeats)
-                del step
-                row = {
-                    "bench": NAME,
-                    "provider": name,
-                    "params": {"n": n, "d": args.dim, "num": num},
-                    "time_ms": timing,
-                    "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
-                    **context,
-                }
+                row_params = {"n": n, "d": args.dim, "num": num}
+                row = harness.measure_case(
+                    NAME, name, factory, params, row_params, context, device=args.device, repeats=args.repeats
+                )
                 rows.append(row)
+                timing = row["time_ms"]
                 print(
                     f"{name:28s} n={n:6d}  {timing['median']:10.1f} ms "
                     f"(p20 {timing['p20']:.1f}, p80 {timing['p80']:.1f})  peak {row['peak_mem_mib']} MiB",
@@ -123,15 +127,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         columns=[
             ("provider", "provider"),
             ("N = M", "params.n"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
+            *report.TIME_COLUMNS,
             ("time / faiss", "time_vs_faiss"),
             ("peak MiB", "peak_mem_mib"),
             ("mm+topk peak / peak", "memory_saving"),
         ],
         x_key="n",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. Median of {args.repeats} runs after "
             "one warm-up; peak memory is the growth of the process's resident set during one step, in a "
@@ -151,7 +152,4 @@ def _add_ratios(rows: list[dict]) -> None:
         n, num = row["params"]["n"], row["params"]["num"]
         faiss_row = by_key.get((f"faiss (num={num})", n))
         mm_row = by_key.get((f"torch.mm + topk (num={num})", n))
-        if faiss_row is not None:
-            row["time_vs_faiss"] = row["time_ms"]["median"] / faiss_row["time_ms"]["median"]
-        if mm_row is not None and row["peak_mem_mib"] and mm_row["peak_mem_mib"]:
-            row["memory_saving"] = mm_row["peak_mem_mib"] / row["peak_mem_mib"]
+        report.add_ratios(row, faiss_row, "time_vs_faiss", mm_row)

@@ -12,6 +12,7 @@ minus the RSS before the step).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -21,10 +22,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import mgccl_ops
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def synchronize(device: str) -> None:
@@ -97,6 +101,44 @@ def peak_memory_mib(
         print(f"peak memory of {factory_path}{params} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def measure_case(
+    bench: str,
+    provider: str,
+    factory_path: str,
+    factory_params: dict,
+    params: dict,
+    context: dict,
+    *,
+    device: str,
+    repeats: int,
+    derived: Callable[[dict], dict] | None = None,
+    peak: Callable[[dict], float | None] | None = None,
+) -> dict:
+    """One benchmark row: the step of ``factory_path(**factory_params)`` timed here
+    (:func:`time_step`), then its peak memory in a fresh process (:func:`peak_memory_mib`, or
+    ``peak(factory_params)`` where given).
+
+    Returns ``{"bench", "provider", "params", "time_ms", **derived(time_ms), "peak_mem_mib",
+    **context}`` in that order (``derived``: values computed from the timing, e.g. GFLOP/s).
+    """
+    step = resolve(factory_path)(**factory_params)
+    timing = time_step(step, device, repeats=repeats)
+    del step  # free its tensors before the memory measurement
+    row = {"bench": bench, "provider": provider, "params": params, "time_ms": timing}
+    row.update(derived(timing) if derived is not None else {})
+    row["peak_mem_mib"] = (
+        peak(factory_params) if peak is not None else peak_memory_mib(factory_path, factory_params, device)
+    )
+    row.update(context)
+    return row
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
+    """The options a benchmark ends with: --repeats (timed runs per case) and --out (the folder)."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
 def run_context(device: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -28,6 +27,8 @@ NAME = "multi_grained"
 LEVEL_FACTORS = (1, 4, 196)  # object/caption, part, pixel rows per image
 ENTITIES = 5
 PHRASES = 400  # distinct phrase groups in the bank
+# The table columns that say which case a row is (with the GPU benchmark's).
+SHAPE_COLUMNS = (("provider", "provider"), ("B", "params.batch"), ("query rows", "params.rows"), ("keys", "params.m"))
 
 
 def _inputs(batch: int, d: int, seed: int = 0, device: str = "cpu"):
@@ -64,7 +65,13 @@ def plain_hard_negative_loss(levels, k, scale, k_group, hard_negatives):
 
 def loss_step(provider: str, batch: int, d: int, hard_negatives: int | None, device: str = "cpu") -> Callable[[], None]:
     """Setup factory: the three levels and the key bank on ``device``; the step runs forward + backward."""
-    levels, k, k_group, logit_scale = _inputs(batch, d, device=device)
+    return step_of(provider, *_inputs(batch, d, device=device), hard_negatives)
+
+
+def step_of(provider: str, levels, k, k_group, logit_scale, hard_negatives: int | None) -> Callable[[], None]:
+    """Forward + backward of the total loss by ``provider`` (``hard_negatives``: K, or None for the
+    full softmax) over the levels (q, pos, weight, q_group) against the bank k [M, D] with groups
+    k_group [M]; the gradients of the queries, k and logit_scale are cleared after each step."""
     leaves = [level[0] for level in levels] + [k, logit_scale]
 
     def forward():
@@ -88,8 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hard-negatives", type=int, nargs="+", default=[0, 16], help="0: full softmax")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    harness.add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -107,26 +113,25 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "hard_negatives": hard_negatives or None,
                     "device": args.device,
                 }
-                step = harness.resolve(factory)(**params)
-                timing = harness.time_step(step, args.device, repeats=args.repeats)
-                del step
-                rows.append(
-                    {
-                        "bench": NAME,
-                        "provider": f"{provider} ({mode})",
-                        "params": {
-                            "batch": batch,
-                            "rows": [batch * f for f in LEVEL_FACTORS],
-                            "m": batch * ENTITIES,
-                            "d": args.dim,
-                            "hard_negatives": hard_negatives or None,
-                        },
-                        "time_ms": timing,
-                        "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
-                        **context,
-                    }
+                row_params = {
+                    "batch": batch,
+                    "rows": [batch * f for f in LEVEL_FACTORS],
+                    "m": batch * ENTITIES,
+                    "d": args.dim,
+                    "hard_negatives": hard_negatives or None,
+                }
+                row = harness.measure_case(
+                    NAME,
+                    f"{provider} ({mode})",
+                    factory,
+                    params,
+                    row_params,
+                    context,
+                    device=args.device,
+                    repeats=args.repeats,
                 )
-                row = rows[-1]
+                rows.append(row)
+                timing = row["time_ms"]
                 print(
                     f"{row['provider']:22s} B={batch:4d}  {timing['median']:9.1f} ms "
                     f"(p20 {timing['p20']:.1f}, p80 {timing['p80']:.1f})  peak {row['peak_mem_mib']} MiB",
@@ -140,19 +145,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         f"multi_grained_loss forward + backward, levels B x (1, 4, 196), bank 5B, D = {args.dim}, float32, "
         f"{context['device_name']}",
         columns=[
-            ("provider", "provider"),
-            ("B", "params.batch"),
-            ("query rows", "params.rows"),
-            ("keys", "params.m"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
+            *SHAPE_COLUMNS,
+            *report.TIME_COLUMNS,
             ("time / pytorch", "time_vs_pytorch"),
             ("peak MiB", "peak_mem_mib"),
             ("pytorch peak / peak", "memory_saving"),
         ],
         x_key="batch",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. One step = forward + backward of "
             "the total over three levels (B, 4B and 196B queries) against a bank of 5B keys, gradients to "

@@ -8,6 +8,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+# The timing columns of a table (median, 20th and 80th percentiles) and the usual plot panels.
+TIME_COLUMNS = (("time ms (median)", "time_ms.median"), ("p20", "time_ms.p20"), ("p80", "time_ms.p80"))
+TIME_AND_MEMORY_PANELS = (("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib"))
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a temporary file and a rename: never half-written."""
@@ -76,6 +80,16 @@ def plot(rows: Sequence[dict], x_key: str, panels: Sequence[tuple[str, str]], ti
     os.replace(temp, path)
 
 
+def add_ratios(row: dict, time_baseline: dict | None, time_key: str, memory_baseline: dict | None) -> None:
+    """Adds ``row[time_key]`` (the row's median time over ``time_baseline``'s) and
+    ``memory_saving`` (``memory_baseline``'s peak memory over the row's), each where its baseline
+    row is given (and, for memory, both peaks are known and non-zero)."""
+    if time_baseline is not None:
+        row[time_key] = row["time_ms"]["median"] / time_baseline["time_ms"]["median"]
+    if memory_baseline is not None and row["peak_mem_mib"] and memory_baseline["peak_mem_mib"]:
+        row["memory_saving"] = memory_baseline["peak_mem_mib"] / row["peak_mem_mib"]
+
+
 def add_ratios_to_pytorch(rows: Sequence[dict], size_key: str) -> None:
     """Adds ``time_vs_pytorch`` and ``memory_saving`` to each row, relative to the row of provider
     ``"pytorch <settings>"`` with the same ``params[size_key]``, where a row's provider is
@@ -84,10 +98,7 @@ def add_ratios_to_pytorch(rows: Sequence[dict], size_key: str) -> None:
     for row in rows:
         settings = row["provider"].split(" ", 1)[1]
         baseline = by_key.get((f"pytorch {settings}", row["params"][size_key]))
-        if baseline is not None:
-            row["time_vs_pytorch"] = row["time_ms"]["median"] / baseline["time_ms"]["median"]
-            if row["peak_mem_mib"] and baseline["peak_mem_mib"]:
-                row["memory_saving"] = baseline["peak_mem_mib"] / row["peak_mem_mib"]
+        add_ratios(row, baseline, "time_vs_pytorch", baseline)
 
 
 def write_report(
@@ -97,7 +108,7 @@ def write_report(
     title: str,
     columns: Sequence[tuple[str, str]],
     x_key: str,
-    panels: Sequence[tuple[str, str]],
+    panels: Sequence[tuple[str, str]] = TIME_AND_MEMORY_PANELS,
     notes: str = "",
 ) -> None:
     """Writes ``out_dir/name.json``, ``name.md`` (title, notes, table) and ``name.png``."""

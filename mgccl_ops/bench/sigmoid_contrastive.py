@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import mgccl_ops
 from mgccl_ops import reference
 from mgccl_ops.bench import harness, report
+from mgccl_ops.bench.contrastive import add_shape_arguments, measure_gflops_cases, unit_features
 
 NAME = "sigmoid_contrastive"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _features(n: int, d: int, dtype: str, device: str, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
-    k = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
-    q = q.to(device=device, dtype=DTYPES[dtype]).requires_grad_()
-    k = k.to(device=device, dtype=DTYPES[dtype]).requires_grad_()
+    q, k = unit_features(n, d, dtype, device, seed)
     # SigLIP's initialisation: logit_scale = log(10), logit_bias = -10.
     logit_scale = torch.tensor(2.302585, device=device, requires_grad=True)
     logit_bias = torch.tensor(-10.0, device=device, requires_grad=True)
@@ -52,18 +47,8 @@ def loss_step(provider: str, n: int, d: int, dtype: str, device: str) -> Callabl
     return step
 
 
-def mm_step(n: int, d: int, dtype: str, device: str) -> Callable[[], None]:
-    """Setup factory: one [n, d] x [d, n] product."""
-    q, k, _, _ = _features(n, d, dtype, device)
-    q, k = q.detach(), k.detach()
-    return lambda: torch.mm(q, k.T)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_arguments(parser)
     parser.add_argument(
         "--materialising-max",
         type=int,
@@ -71,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest N for the providers that hold N x N matrices (open_clip, pytorch: ~30 GiB at 32768)",
     )
     parser.add_argument("--providers", nargs="+", default=["torch.mm", "mgccl", "open_clip", "pytorch"])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    harness.add_output_arguments(parser, repeats=1)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -84,36 +68,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         for provider in args.providers:
             if provider in ("open_clip", "pytorch") and n > args.materialising_max:
                 continue
+            flops = (2 if provider == "torch.mm" else 6) * n * n * args.dim
             if provider == "torch.mm":
-                cases.append((provider, "mgccl_ops.bench.sigmoid_contrastive:mm_step", {"n": n, **common}, 2))
+                cases.append((provider, "mgccl_ops.bench.contrastive:mm_step", {"n": n, **common}, flops))
             else:
-                cases.append(
-                    (
-                        provider,
-                        "mgccl_ops.bench.sigmoid_contrastive:loss_step",
-                        {"provider": provider, "n": n, **common},
-                        6,
-                    )
-                )
-        for name, factory, params, flops_per_nnd in cases:
-            step = harness.resolve(factory)(**params)
-            timing = harness.time_step(step, args.device, repeats=args.repeats)
-            del step
-            row = {
-                "bench": NAME,
-                "provider": name,
-                "params": {"n": n, "d": args.dim, "dtype": args.dtype},
-                "time_ms": timing,
-                "gflops": flops_per_nnd * n * n * args.dim / (timing["median"] * 1e6),
-                "peak_mem_mib": harness.peak_memory_mib(factory, params, args.device),
-                **context,
-            }
-            rows.append(row)
-            print(
-                f"{name:10s} n={n:6d}  {timing['median']:10.1f} ms  {row['gflops']:7.1f} GFLOP/s  "
-                f"peak {row['peak_mem_mib']} MiB",
-                flush=True,
-            )
+                params = {"provider": provider, "n": n, **common}
+                cases.append((provider, "mgccl_ops.bench.sigmoid_contrastive:loss_step", params, flops))
+        rows += measure_gflops_cases(NAME, cases, n, args, context, name_width=10)
         _write(rows, args, context)  # after every size, so a later failure keeps what was measured
     return rows
 
@@ -136,7 +97,6 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             ("open_clip peak / peak", "memory_saving"),
         ],
         x_key="n",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. One timed run after one warm-up "
             f"(median of {args.repeats}); peak memory is the growth of the process's resident set during "
@@ -152,8 +112,5 @@ def _add_ratios(rows: list[dict]) -> None:
     baseline = {row["params"]["n"]: row for row in rows if row["provider"] == "open_clip"}
     for row in rows:
         base = baseline.get(row["params"]["n"])
-        if base is None or row["provider"] == "torch.mm":
-            continue
-        row["time_vs_open_clip"] = row["time_ms"]["median"] / base["time_ms"]["median"]
-        if row["peak_mem_mib"] and base["peak_mem_mib"]:
-            row["memory_saving"] = base["peak_mem_mib"] / row["peak_mem_mib"]
+        if row["provider"] != "torch.mm":
+            report.add_ratios(row, base, "time_vs_open_clip", base)

@@ -30,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hard-negatives", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
                         help="activation checkpointing of the image encoder")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    harness.add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -49,21 +48,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for provider, backend in PROVIDERS.items():
                     params = {"backend": backend, "batch_size": batch, "hard_negatives": negatives, "scope": "step",
                               "checkpoint_path": checkpoint, "checkpoint_activations": recompute}  # fmt: skip
-                    step = harness.resolve(FACTORY)(**params)
-                    timing = harness.time_step(step, "cpu", repeats=args.repeats)
-                    del step
                     label = f"{provider} (K={negatives}, checkpointing {'on' if recompute else 'off'})"
-                    row = {
-                        "bench": NAME,
-                        "provider": label,
-                        "params": {"batch": batch, "hard_negatives": negatives, "checkpointing": recompute},
-                        "time_ms": timing,
-                        "peak_mem_mib": step_peak_memory_mib(params),
-                        **context,
-                    }
+                    row_params = {"batch": batch, "hard_negatives": negatives, "checkpointing": recompute}
+                    row = harness.measure_case(NAME, label, FACTORY, params, row_params, context, device="cpu",
+                                               repeats=args.repeats, peak=step_peak_memory_mib)  # fmt: skip
                     rows.append(row)
-                    print(f"{label:40s} B={batch:3d}  {timing['median']:8.1f} ms  peak {row['peak_mem_mib']} MiB",
-                          flush=True)  # fmt: skip
+                    median = row["time_ms"]["median"]
+                    print(f"{label:40s} B={batch:3d}  {median:8.1f} ms  peak {row['peak_mem_mib']} MiB", flush=True)
     report.add_ratios_to_pytorch(rows, "batch")
     report.write_report(
         rows,
@@ -73,15 +64,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         columns=[
             ("provider", "provider"),
             ("B", "params.batch"),
-            ("time ms (median)", "time_ms.median"),
-            ("p20", "time_ms.p20"),
-            ("p80", "time_ms.p80"),
+            *report.TIME_COLUMNS,
             ("time / pytorch", "time_vs_pytorch"),
             ("peak MiB", "peak_mem_mib"),
             ("pytorch peak / peak", "memory_saving"),
         ],
         x_key="batch",
-        panels=[("time (ms)", "time_ms.median"), ("peak memory (MiB)", "peak_mem_mib")],
         notes=(
             f"mgccl_ops {context['version']}, torch {context['torch']}. One step = the small model's "
             "forward, the object, part, pixel and background levels and the backward pass, on a batch of the "

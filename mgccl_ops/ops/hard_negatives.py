@@ -19,33 +19,38 @@ MINE_OP = "topk_hard_negatives"
 LOSS_OP = "hard_negative_loss"
 
 
-def _check_threshold(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{MINE_OP}: {name} should be a float or None, got {type(value).__name__}")
-    if value != value:
-        raise ValueError(f"{MINE_OP}: {name} should be a number, got nan")
+def check_mining_options(n, m, num, skip, exclude_self, max_sim, margin, has_pos: bool, error=ValueError) -> None:
+    """The mining options of N queries and M keys: ``num`` and ``skip`` ints, 0 <= num <= M and
+    skip >= 0; ``exclude_self`` only with N == M; ``max_sim`` and ``margin`` None or a number (not
+    NaN); ``margin`` only with ``pos`` (``has_pos``).
+
+    A wrong Python type raises TypeError, a wrong value ``error``: ValueError in the wrapper,
+    RuntimeError in the Triton kernel (as the C++ kernels raise); the messages are the same.
+    """
+    for name, count in (("num", num), ("skip", skip)):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"{MINE_OP}: {name} should be an int, got {type(count).__name__}")
+    if not 0 <= num <= m:
+        raise error(f"{MINE_OP}: num should lie in [0, M = {m}], got {num}")
+    if skip < 0:
+        raise error(f"{MINE_OP}: skip should be >= 0, got {skip}")
+    if exclude_self and n != m:
+        raise error(f"{MINE_OP}: exclude_self=True needs as many queries as keys, got N = {n} and M = {m}")
+    for name, value in (("max_sim", max_sim), ("margin", margin)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{MINE_OP}: {name} should be a float or None, got {type(value).__name__}")
+        if value != value:
+            raise error(f"{MINE_OP}: {name} should be a number, got nan")
+    if margin is not None and not has_pos:
+        raise error(f"{MINE_OP}: margin needs pos (the similarity it is measured from), got pos=None")
 
 
 def check_mining_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margin, skip) -> None:
     """Metadata checks shared by the wrapper and the fake impl (values are checked in kernels)."""
     _checks.check_query_key_pair(MINE_OP, q, k)
-    for name, count in (("num", num), ("skip", skip)):
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"{MINE_OP}: {name} should be an int, got {type(count).__name__}")
-    if not 0 <= num <= k.shape[0]:
-        raise ValueError(f"{MINE_OP}: num should lie in [0, M = {k.shape[0]}], got {num}")
-    if skip < 0:
-        raise ValueError(f"{MINE_OP}: skip should be >= 0, got {skip}")
-    if exclude_self and q.shape[0] != k.shape[0]:
-        raise ValueError(
-            f"{MINE_OP}: exclude_self=True needs as many queries as keys, got N = {q.shape[0]} and M = {k.shape[0]}"
-        )
-    _check_threshold("max_sim", max_sim)
-    _check_threshold("margin", margin)
-    if margin is not None and pos is None:
-        raise ValueError(f"{MINE_OP}: margin needs pos (the similarity it is measured from), got pos=None")
+    check_mining_options(q.shape[0], k.shape[0], num, skip, exclude_self, max_sim, margin, pos is not None)
     if pos is not None:
         _checks.check_index(MINE_OP, "pos", pos, q.shape[0], "N")
         _checks.check_same_device(MINE_OP, "pos", pos, "q", q)

@@ -149,6 +149,72 @@ def _product_operand(g, norm, K, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _gradient_scales(SCALE, NORM, K):
+    """(scale, norm, back): the logit scale, NORM[0] (G's scaling for 16-bit products, see
+    _product_operand) and the factor each product is multiplied by, scale * NORM[1] (scale alone
+    for 32- and 64-bit inputs)."""
+    scale = tl.load(SCALE)
+    norm = tl.load(NORM)
+    back = scale * tl.load(NORM + 1)
+    if not (K.dtype.element_ty == tl.float16 or K.dtype.element_ty == tl.bfloat16):
+        back = scale
+    return scale, norm, back
+
+
+@triton.jit
+def _row_terms(POS, ROW_LSE, C_ROW, rows, row_ok):
+    """pos, row log-sum-exp and c of a block of rows [BLOCK_N] (-1, 0, 0 outside [0, N))."""
+    pos = tl.load(POS + rows, mask=row_ok, other=-1)
+    lse = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+    c = tl.load(C_ROW + rows, mask=row_ok, other=0.0)
+    return pos, lse, c
+
+
+@triton.jit
+def _column_terms(COL_LSE, C_COL, cols, col_ok, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """Column log-sum-exp and c_col of a block of columns [BLOCK_M] for the symmetric loss (0
+    outside [0, M)); zeros when not SYMMETRIC (unused there)."""
+    clse = tl.zeros([BLOCK_M], dtype=ACC)
+    c_col = tl.zeros([BLOCK_M], dtype=ACC)
+    if SYMMETRIC:
+        clse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+        c_col = tl.load(C_COL + cols, mask=col_ok, other=0.0)
+    return clse, c_col
+
+
+@triton.jit
+def _add_product(
+    g_op,
+    SRC,
+    src_rows,
+    src_ok,
+    DST,
+    dst_rows,
+    dst_ok,
+    back,
+    D,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """DST[dst_rows] += back * (g_op @ SRC[src_rows]) over D in masked chunks: g_op [B, S], rows
+    src_rows [S] of SRC [., D] (0 where not src_ok), rows dst_rows [B] of DST [., D] (stored where
+    dst_ok)."""
+    src = SRC + src_rows.to(tl.int64)[:, None] * D
+    dst = DST + dst_rows.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        chunk = tl.load(src + dims[None, :], mask=src_ok[:, None] & (dims[None, :] < D), other=0.0)
+        if UPCAST:
+            chunk = chunk.to(tl.float32)
+        part = tl.dot(g_op, chunk, input_precision=PRECISION, out_dtype=ACC)
+        out = dst + dims[None, :]
+        out_ok = dst_ok[:, None] & (dims[None, :] < D)
+        tl.store(out, tl.load(out, mask=out_ok, other=0.0) + part * back, mask=out_ok)
+
+
+@triton.jit
 def _grad_q_kernel(
     Q,
     K,
@@ -180,40 +246,20 @@ def _grad_q_kernel(
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    scale = tl.load(SCALE)
-    norm = tl.load(NORM)
-    back = scale * tl.load(NORM + 1)
-    if not (K.dtype.element_ty == tl.float16 or K.dtype.element_ty == tl.bfloat16):
-        back = scale
-    pos = tl.load(POS + rows, mask=row_ok, other=-1)
-    lse = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
-    c = tl.load(C_ROW + rows, mask=row_ok, other=0.0)
+    scale, norm, back = _gradient_scales(SCALE, NORM, K)
+    pos, lse, c = _row_terms(POS, ROW_LSE, C_ROW, rows, row_ok)
     scale_part = tl.zeros([BLOCK_N], dtype=ACC)
-    clse = tl.zeros([BLOCK_M], dtype=ACC)
-    c_col = tl.zeros([BLOCK_M], dtype=ACC)
-    grad_rows = GRAD_Q + rows.to(tl.int64)[:, None] * D
     for c0 in range(0, M, BLOCK_M):
         cols = c0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        if SYMMETRIC:
-            clse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
-            c_col = tl.load(C_COL + cols, mask=col_ok, other=0.0)
+        clse, c_col = _column_terms(COL_LSE, C_COL, cols, col_ok, SYMMETRIC, BLOCK_M, ACC)
         dots = _dot_tile(Q, K, rows, cols, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
         g = _logit_gradient(dots * scale, row_ok, col_ok, cols, pos, lse, c, clse, c_col, SYMMETRIC)
         if WANT_SCALE:
             scale_part += tl.sum(g * dots, 1)
         if WANT_Q:
             g_op = _product_operand(g, norm, K, UPCAST)
-            k_rows = K + cols.to(tl.int64)[:, None] * D
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                kc = tl.load(k_rows + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-                if UPCAST:
-                    kc = kc.to(tl.float32)
-                part = tl.dot(g_op, kc, input_precision=PRECISION, out_dtype=ACC)
-                out = grad_rows + dims[None, :]
-                out_ok = row_ok[:, None] & (dims[None, :] < D)
-                tl.store(out, tl.load(out, mask=out_ok, other=0.0) + part * back, mask=out_ok)
+            _add_product(g_op, K, cols, col_ok, GRAD_Q, rows, row_ok, back, D, BLOCK_D, ACC, PRECISION, UPCAST)
     if WANT_SCALE:
         tl.store(SCALE_PART + rows, scale_part, mask=row_ok)
 
@@ -244,36 +290,16 @@ def _grad_k_kernel(
     """For a block of keys: GRAD_K[j] += scale * sum_i G_ij q_i."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = cols < M
-    scale = tl.load(SCALE)
-    norm = tl.load(NORM)
-    back = scale * tl.load(NORM + 1)
-    if not (K.dtype.element_ty == tl.float16 or K.dtype.element_ty == tl.bfloat16):
-        back = scale
-    clse = tl.zeros([BLOCK_M], dtype=ACC)
-    c_col = tl.zeros([BLOCK_M], dtype=ACC)
-    if SYMMETRIC:
-        clse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
-        c_col = tl.load(C_COL + cols, mask=col_ok, other=0.0)
-    grad_cols = GRAD_K + cols.to(tl.int64)[:, None] * D
+    scale, norm, back = _gradient_scales(SCALE, NORM, K)
+    clse, c_col = _column_terms(COL_LSE, C_COL, cols, col_ok, SYMMETRIC, BLOCK_M, ACC)
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        pos = tl.load(POS + rows, mask=row_ok, other=-1)
-        lse = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
-        c = tl.load(C_ROW + rows, mask=row_ok, other=0.0)
+        pos, lse, c = _row_terms(POS, ROW_LSE, C_ROW, rows, row_ok)
         dots = _dot_tile(Q, K, rows, cols, N, M, D, BLOCK_N, BLOCK_M, BLOCK_D, ACC, PRECISION, UPCAST)
         g = _logit_gradient(dots * scale, row_ok, col_ok, cols, pos, lse, c, clse, c_col, SYMMETRIC)
         g_op = tl.trans(_product_operand(g, norm, K, UPCAST))
-        q_rows = Q + rows.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            qc = tl.load(q_rows + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-            if UPCAST:
-                qc = qc.to(tl.float32)
-            part = tl.dot(g_op, qc, input_precision=PRECISION, out_dtype=ACC)
-            out = grad_cols + dims[None, :]
-            out_ok = col_ok[:, None] & (dims[None, :] < D)
-            tl.store(out, tl.load(out, mask=out_ok, other=0.0) + part * back, mask=out_ok)
+        _add_product(g_op, Q, rows, row_ok, GRAD_K, cols, col_ok, back, D, BLOCK_D, ACC, PRECISION, UPCAST)
 
 
 # Launch configuration by input dtype: (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages).

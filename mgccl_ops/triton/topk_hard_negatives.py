@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mgccl_ops.ops.hard_negatives import check_mining_options
 from mgccl_ops.triton.packed_sort import packed_bitonic_merge_ascending, packed_topk
 
 OP = "topk_hard_negatives"
@@ -262,17 +263,7 @@ def _check_inputs(q, k, num, pos, q_group, k_group, exclude_self, max_sim, margi
     if k.shape[1] != q.shape[1]:
         raise RuntimeError(f"{OP}: k.shape[1] should equal q.shape[1] = {q.shape[1]}, got shape {list(k.shape)}")
     n, m = q.shape[0], k.shape[0]
-    if not 0 <= num <= m:
-        raise RuntimeError(f"{OP}: num should lie in [0, M = {m}], got {num}")
-    if skip < 0:
-        raise RuntimeError(f"{OP}: skip should be >= 0, got {skip}")
-    if exclude_self and n != m:
-        raise RuntimeError(f"{OP}: exclude_self=True needs as many queries as keys, got N = {n} and M = {m}")
-    for name, value in (("max_sim", max_sim), ("margin", margin)):
-        if value is not None and value != value:
-            raise RuntimeError(f"{OP}: {name} should be a number, got nan")
-    if margin is not None and pos is None:
-        raise RuntimeError(f"{OP}: margin needs pos (the similarity it is measured from), got pos=None")
+    check_mining_options(n, m, num, skip, exclude_self, max_sim, margin, pos is not None, error=RuntimeError)
     if (q_group is None) != (k_group is None):
         given = "q_group" if q_group is not None else "k_group"
         raise RuntimeError(f"{OP}: q_group and k_group should be given together, got only {given}")
