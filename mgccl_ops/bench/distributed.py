@@ -277,7 +277,8 @@ def _write(rows: list[dict], args: argparse.Namespace, context: dict) -> None:
             "logit is computed on two ranks; the fused CPU kernel's logits tile is at most 64 MiB. open_clip's "
             "ClipLoss (local_loss=True, gather_with_grad=True) materialises the [N / world, N] logits, twice. "
             "At a fixed world size every provider grows with N (a rank's own gradients are O(N / world * D)); "
-            "ring's slope is the smallest, and at a fixed local batch ring's peak stays nearly flat as the "
+            "by design ring's slope is the smallest, and at a fixed local batch ring's peak stays nearly flat "
+            "as the "
             "world grows while gather's grows with it.\n\n" + same_local_batch_summary(rows)
         ),
     )
