@@ -13,7 +13,6 @@ import torch
 
 from mgccl_ops.ops._dtypes import accumulation_dtype
 
-
 MIN_TILE_ROWS = 128  # fewer rows per tile would reread the key block for too little work
 
 
