@@ -95,6 +95,38 @@ def test_shuffle_buffer_reorders_within_reach(tmp_path):
     assert sorted(plain) == sorted(shuffled) and plain != shuffled and shuffled == again
 
 
+def test_samples_are_read_and_decoded_lazily_within_the_shuffle_buffer(tmp_path, monkeypatch):
+    """Nothing is held beyond the shuffle buffer: after k samples came out of an endless
+    (resampled) stream, at most k + buffer + 1 samples were read from the tars and at most
+    k + 1 decoded (one of look-ahead)."""
+    from mgccl_ops.data import stream as stream_module
+
+    make_shards(tmp_path, shards=3, per_shard=6)
+    decoded, read = [0], [0]
+    decode = stream_module.decode_fields
+
+    def counting_decode(*args, **kwargs):
+        decoded[0] += 1
+        return decode(*args, **kwargs)
+
+    raw_samples = PairStream._raw_samples
+
+    def counting_raw_samples(self, shards, skipped):
+        for raw in raw_samples(self, shards, skipped):
+            read[0] += 1
+            yield raw
+
+    monkeypatch.setattr(stream_module, "decode_fields", counting_decode)
+    monkeypatch.setattr(PairStream, "_raw_samples", counting_raw_samples)
+    buffer = 5
+    samples = PairStream("shards", str(tmp_path / "data-{000..002}.tar"), size=8, shuffle_buffer=buffer)
+    for out, sample in enumerate(islice(samples, 60), start=1):
+        bad = sum(sample["stream"]["skipped"].values())  # bad samples are decoded (tried) too
+        assert decoded[0] <= out + 1 + bad, (out, decoded[0], bad)
+        assert read[0] <= decoded[0] + buffer, (out, read[0], decoded[0])
+    assert out == 60 and read[0] > 3 * 6, read  # more than one pass over the shards was streamed
+
+
 def test_resampling_streams_past_one_epoch_deterministically(tmp_path):
     good = make_shards(tmp_path, shards=3, per_shard=3)
     spec = str(tmp_path / "data-{000..002}.tar")
