@@ -142,6 +142,27 @@ def _case_ring_dtypes(rank: int, world: int) -> None:
             torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol, msg=lambda m, t=dtype: f"{t}: {m}")
 
 
+def _case_bad_input_on_one_rank(rank: int, world: int) -> None:
+    """A bad argument on one rank raises on every rank (its own message there, a message naming
+    it on the others) instead of leaving the others waiting; the group stays usable."""
+    q, k = F.normalize(torch.randn(2, 3, 4, dtype=torch.float64), dim=-1)
+    bank_level = (q, torch.tensor([0, 1, 2]), 1.0)
+    cases = [
+        (1, "q should", lambda bad: distributed.contrastive_loss(q[None] if bad else q, k, 5.0)),
+        (0, "mode", lambda bad: distributed.contrastive_loss(q, k, 5.0, mode="tree" if bad else "ring")),
+        (1, "scale should be finite", lambda bad: distributed.contrastive_loss(q, k, math.nan if bad else 5.0)),
+        (0, "hard_negatives",
+         lambda bad: distributed.multi_grained_loss([bank_level], k, 5.0, hard_negatives=-1 if bad else 2)),
+    ]  # fmt: skip
+    for culprit, own_message, call in cases:
+        expected = own_message if rank == culprit else rf"the inputs of rank\(s\) \[{culprit}\] failed"
+        with pytest.raises(ValueError, match=expected):
+            call(rank == culprit)
+    full = mgccl_ops.contrastive_loss(torch.cat([q] * world), torch.cat([k] * world), torch.arange(3 * world), 5.0,
+                                      symmetric=True)  # fmt: skip
+    torch.testing.assert_close(distributed.contrastive_loss(q, k, 5.0, mode="ring"), full, **TOL)
+
+
 class BankTowers(nn.Module):
     """Level queries and entity-bank keys from linear maps, unit norm, learnable scale (fp64)."""
 
@@ -305,6 +326,7 @@ CASE_WORLDS = {
     "open_clip": (2, 4),
     "subgroup_ring": (4,),
     "ring_dtypes": (2, 4),
+    "bad_input_on_one_rank": (2,),
     "multi_grained": (2, 4),
     "multi_grained_shared_key": (2, 4),
     "shared_keys_must_agree": (2,),
@@ -314,6 +336,7 @@ CASES = {
     "open_clip": _case_open_clip,
     "subgroup_ring": _case_subgroup_ring,
     "ring_dtypes": _case_ring_dtypes,
+    "bad_input_on_one_rank": _case_bad_input_on_one_rank,
     "multi_grained": _case_multi_grained,
     "multi_grained_shared_key": _case_multi_grained_shared_key,
     "shared_keys_must_agree": _case_shared_keys_must_agree,
@@ -360,7 +383,5 @@ def test_needs_an_initialised_process_group():
         distributed.contrastive_loss(q, q, 1.0)
 
 
-def test_rejects_an_unknown_mode():
-    q = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="mode"):
-        distributed.contrastive_loss(q, q, 1.0, mode="tree")
+def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path_factory):
+    run_case(2, "bad_input_on_one_rank", tmp_path_factory)

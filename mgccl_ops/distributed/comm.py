@@ -6,10 +6,14 @@ group) and works on any backend: gloo for CPU tensors, NCCL for CUDA tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,37 @@ def all_reduce_sum(ring: Ring, x: torch.Tensor) -> torch.Tensor:
     total = x.detach().clone()
     dist.all_reduce(total, group=ring.group)
     return total
+
+
+def collective_device(ring: Ring) -> torch.device:
+    """Where the group's small bookkeeping tensors live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(ring.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(ring: Ring, op: str, check: Callable[[], T]) -> T:
+    """Runs this rank's argument checks and tells every rank whether any rank's failed, so that
+    a bad input on one rank raises on every rank instead of leaving the others waiting in a
+    collective. Returns ``check()``'s result.
+
+    Raises:
+        ValueError or TypeError: this rank's own check failed (its message).
+        ValueError: another rank's check failed, naming that rank.
+    """
+    try:
+        result, failure = check(), None
+    except (ValueError, TypeError) as error:
+        result, failure = None, error
+    flags = torch.zeros(ring.world, dtype=torch.int64, device=collective_device(ring))
+    flags[ring.rank] = int(failure is not None)
+    dist.all_reduce(flags, group=ring.group)
+    if failure is not None:
+        raise failure
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        raise ValueError(
+            f"mgccl_ops.distributed.{op}: the inputs of rank(s) {failed} failed their checks (their own "
+            "errors say why); no rank ran the op"
+        )
+    return result

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import mgccl_ops
-from mgccl_ops.distributed.comm import Ring, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
+from mgccl_ops.distributed.comm import Ring, agree, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
 from mgccl_ops.distributed.ring import RingContrastive
 from mgccl_ops.ops import _checks
 from mgccl_ops.ops._dtypes import accumulation_dtype
@@ -30,8 +30,8 @@ def global_mean(ring: Ring, local_sum: torch.Tensor, count: int) -> torch.Tensor
     return local + (total / count - local).detach()
 
 
-def check_shards(ring: Ring, q: torch.Tensor, k: torch.Tensor) -> list[int]:
-    """Checks the local shards (and that D agrees across ranks); returns every rank's N."""
+def check_local_shards(q: torch.Tensor, k: torch.Tensor) -> None:
+    """This rank's q and k: [N, D] each, one floating dtype, one device."""
     _checks.check_dim(OP, "q", q, 2, "[N, D]")
     _checks.check_dim(OP, "k", k, 2, "[N, D]")
     _checks.check_float(OP, "q", q)
@@ -39,6 +39,10 @@ def check_shards(ring: Ring, q: torch.Tensor, k: torch.Tensor) -> list[int]:
     _checks.check_same_device(OP, "k", k, "q", q)
     if q.shape != k.shape:
         raise ValueError(f"{OP}: q and k should have the same shape [N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+
+
+def shard_sizes(ring: Ring, q: torch.Tensor) -> list[int]:
+    """Every rank's N (raising on every rank where D differs between them)."""
     shapes = gather_ints(ring, list(q.shape), q.device)
     widths = {d for _, d in shapes}
     if len(widths) > 1:
@@ -79,12 +83,21 @@ def contrastive_loss(
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        ValueError: bad shapes, dtypes, devices or mode; D differing between ranks.
+        ValueError: bad shapes, dtypes, devices or mode; D differing between ranks. A bad
+            input on one rank raises on every rank (naming it), never leaves them waiting.
     """
-    _checks.check_choice(OP, "mode", mode, MODES)
     ring = ring_of(OP, group)
-    sizes = check_shards(ring, q, k)
-    scale_t = _checks.scale_tensor(OP, scale, q)
+
+    def local_checks() -> torch.Tensor:
+        _checks.check_choice(OP, "mode", mode, MODES)
+        check_local_shards(q, k)
+        scale_t = _checks.scale_tensor(OP, scale, q)
+        if not bool(torch.isfinite(scale_t.detach())):  # ring mode's block math would give NaN
+            raise ValueError(f"{OP}: scale should be finite, got {scale_t.item()}")
+        return scale_t
+
+    scale_t = agree(ring, OP, local_checks)
+    sizes = shard_sizes(ring, q)
     if mode == "ring":
         local_sum = RingContrastive.apply(q, k, scale_t, ring, sizes, symmetric)
     else:

@@ -8,9 +8,17 @@ import torch
 import torch.distributed as dist
 
 import mgccl_ops
-from mgccl_ops.distributed.comm import all_gather_rows, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
+from mgccl_ops.distributed.comm import (
+    agree,
+    all_gather_rows,
+    all_reduce_sum,
+    gather_ints,
+    gather_rows_with_grad,
+    ring_of,
+)
+from mgccl_ops.ops import _checks
 from mgccl_ops.ops._dtypes import accumulation_dtype
-from mgccl_ops.ops.multi_grained import parse_levels
+from mgccl_ops.ops.multi_grained import check_hard_negatives, parse_levels
 
 OP = "multi_grained_loss"
 
@@ -47,13 +55,21 @@ def multi_grained_loss(
         global rows with a positive, and ``per_level`` [L] (detached).
 
     Raises:
-        ValueError: bad levels or bank (as the single-process op); ``shared_keys`` not in
-            ``0..M_r`` or different between ranks.
+        ValueError: bad levels, bank, scale or hard_negatives (as the single-process op);
+            ``shared_keys`` not in ``0..M_r`` or different between ranks. A bad input on one
+            rank raises on every rank (naming it), never leaves them waiting.
     """
-    parsed = parse_levels(levels, k, k_group)
     ring = ring_of(OP, group)
-    if isinstance(shared_keys, bool) or not isinstance(shared_keys, int) or not 0 <= shared_keys <= k.shape[0]:
-        raise ValueError(f"{OP}: shared_keys should be an int in [0, {k.shape[0]}] (rows of k), got {shared_keys!r}")
+
+    def local_checks() -> list:
+        parsed = parse_levels(levels, k, k_group)
+        check_hard_negatives(hard_negatives)
+        _checks.scale_tensor(OP, scale, k)
+        if isinstance(shared_keys, bool) or not isinstance(shared_keys, int) or not 0 <= shared_keys <= k.shape[0]:
+            raise ValueError(f"{OP}: shared_keys should be an int in [0, M = {k.shape[0]}], got {shared_keys!r}")
+        return parsed
+
+    parsed = agree(ring, OP, local_checks)
     acc = accumulation_dtype(k.dtype)
     own = k.shape[0] - shared_keys
     counts = gather_ints(ring, [own, shared_keys], k.device)

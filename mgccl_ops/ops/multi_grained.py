@@ -70,6 +70,14 @@ def parse_levels(levels: Sequence[tuple], k: torch.Tensor, k_group: torch.Tensor
     return parsed
 
 
+def check_hard_negatives(hard_negatives: int | None) -> None:
+    """``hard_negatives`` is None or an int >= 0 (ValueError naming the value otherwise)."""
+    if hard_negatives is not None and (
+        isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
+    ):
+        raise ValueError(f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}")
+
+
 def level_sums(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Sums the rows of each level: values [N] in level order, sizes [L] -> [L]."""
     return torch.stack([part.sum() for part in values.split(sizes)])
@@ -154,10 +162,7 @@ def multi_grained_loss(
     # the per-level sums below see the values the kernels see.
     k, *level_qs = autocast.cast_for_autocast(k, *(level.q for level in parsed))
     parsed = [level._replace(q=q_level) for level, q_level in zip(parsed, level_qs)]
-    if hard_negatives is not None and (
-        isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0
-    ):
-        raise ValueError(f"{OP}: hard_negatives should be None or an int >= 0, got {hard_negatives!r}")
+    check_hard_negatives(hard_negatives)
     scale_t = _checks.scale_tensor(OP, scale, k)
     _checks.check_same_device(OP, "scale", scale_t, "k", k)
     if torch.compiler.is_compiling():
