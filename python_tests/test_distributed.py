@@ -196,48 +196,63 @@ def _bank_data(world: int, banks: list[int], rows: list[list[int]]):
     return shards
 
 
+def _assert_ddp_equals_one_process(rank, towers, everything, mine, what, shared_keys=0, **options) -> None:
+    """multi_grained_loss in one process on the concatenated inputs against the distributed one
+    on this rank's (DDP, equal initial weights): loss, per-level means and gradients.
+
+    ``everything`` and ``mine``: (part_x, pixel_x, bank_x, level_pos [2], level_group [2],
+    k_group); ``options`` go to both calls, ``shared_keys`` to the distributed one.
+    """
+    weights = (0.5, 1.0)
+    results = []
+    for inputs in (everything, mine):
+        torch.manual_seed(1)
+        model = towers().double()
+        if inputs is mine:
+            model = DistributedDataParallel(model)
+        part_x, pixel_x, bank_x, pos, groups, k_group = inputs
+        part_q, pixel_q, bank, scale = model(part_x, pixel_x, bank_x)
+        levels = [(q, pos[lv], weights[lv], groups[lv]) for lv, q in enumerate((part_q, pixel_q))]
+        if inputs is mine:
+            loss, per_level = distributed.multi_grained_loss(
+                levels, bank, scale, k_group=k_group, shared_keys=shared_keys, **options
+            )
+        else:
+            loss, per_level = mgccl_ops.multi_grained_loss(levels, bank, scale, k_group=k_group, **options)
+        loss.backward()
+        results.append((loss.detach(), per_level, getattr(model, "module", model)))
+    (expected, expected_levels, reference), (loss, per_level, trained) = results
+    what = f"{what} options={options} rank={rank}"
+    torch.testing.assert_close(loss, expected, **TOL, msg=lambda m: f"{what}: loss: {m}")
+    torch.testing.assert_close(per_level, expected_levels, **TOL)
+    _assert_grads_equal(trained, reference, what)
+
+
 def _case_multi_grained(rank: int, world: int) -> None:
     configs = {
         2: [([4, 4], [[3, 5], [3, 5]]), ([6, 2], [[4, 2], [1, 7]])],
         4: [([3, 3, 3, 3], [[2, 4]] * 4), ([5, 1, 0, 3], [[3, 2], [2, 0], [0, 0], [1, 4]])],
     }[world]
-    weights = (0.5, 1.0)
     for banks, rows in configs:
         shards = _bank_data(world, banks, rows)
         offsets = [sum(banks[:r]) for r in range(world)]
-        bank_x = torch.cat([s[0] for s in shards])
-        k_group = torch.cat([s[1] for s in shards])
-        level_x = [torch.cat([s[2][lv][0] for s in shards]) for lv in range(2)]
-        level_pos = [
-            torch.cat([torch.where(s[2][lv][1] >= 0, s[2][lv][1] + off, -1) for s, off in zip(shards, offsets)])
-            for lv in range(2)
-        ]
-        level_group = [torch.cat([s[2][lv][2] for s in shards]) for lv in range(2)]
+        everything = (
+            torch.cat([s[2][0][0] for s in shards]),
+            torch.cat([s[2][1][0] for s in shards]),
+            torch.cat([s[0] for s in shards]),
+            [
+                torch.cat([torch.where(s[2][lv][1] >= 0, s[2][lv][1] + off, -1) for s, off in zip(shards, offsets)])
+                for lv in range(2)
+            ],
+            [torch.cat([s[2][lv][2] for s in shards]) for lv in range(2)],
+            torch.cat([s[1] for s in shards]),
+        )
+        bank_x, groups, levels = shards[rank]
+        mine = (levels[0][0], levels[1][0], bank_x, [lv[1] for lv in levels], [lv[2] for lv in levels], groups)
         for negatives in (None, 3):
-            torch.manual_seed(1)
-            reference = BankTowers().double()
-            part_q, pixel_q, bank, scale = reference(level_x[0], level_x[1], bank_x)
-            levels = [(q, level_pos[lv], weights[lv], level_group[lv]) for lv, q in enumerate((part_q, pixel_q))]
-            expected, expected_levels = mgccl_ops.multi_grained_loss(
-                levels, bank, scale, k_group=k_group, hard_negatives=negatives
+            _assert_ddp_equals_one_process(
+                rank, BankTowers, everything, mine, f"banks={banks} rows={rows}", hard_negatives=negatives
             )
-            expected.backward()
-
-            torch.manual_seed(1)
-            model = DistributedDataParallel(BankTowers().double())
-            mine_bank, mine_groups, mine_levels = shards[rank]
-            part_q, pixel_q, bank, scale = model(mine_levels[0][0], mine_levels[1][0], mine_bank)
-            levels = [
-                (q, mine_levels[lv][1], weights[lv], mine_levels[lv][2]) for lv, q in enumerate((part_q, pixel_q))
-            ]
-            loss, per_level = distributed.multi_grained_loss(
-                levels, bank, scale, k_group=mine_groups, hard_negatives=negatives
-            )
-            loss.backward()
-            what = f"banks={banks} rows={rows} negatives={negatives} rank={rank}"
-            torch.testing.assert_close(loss, expected.detach(), **TOL, msg=lambda m, w=what: f"{w}: loss: {m}")
-            torch.testing.assert_close(per_level, expected_levels, **TOL)
-            _assert_grads_equal(model.module, reference, what)
 
 
 class BankTowersWithBackground(BankTowers):
@@ -266,7 +281,6 @@ def _case_multi_grained_shared_key(rank: int, world: int) -> None:
     """A key replicated on every rank (a learned background) enters the global bank once:
     DDP equals one process on [every rank's own keys, the shared key]."""
     banks, rows = {2: ([4, 3], [[3, 5], [4, 2]]), 4: ([3, 0, 2, 3], [[2, 4], [3, 1], [0, 2], [1, 4]])}[world]
-    weights = (0.5, 1.0)
     shards = _bank_data(world, banks, rows)
     offsets = [sum(banks[:r]) for r in range(world)]
     local_pos = [[_with_background_positives(s[2][lv][1], m) for lv in range(2)] for s, m in zip(shards, banks)]
@@ -277,37 +291,22 @@ def _case_multi_grained_shared_key(rank: int, world: int) -> None:
         pos, m = local_pos[shard][lv], banks[shard]
         return torch.where(pos == m, sum(banks), torch.where(pos >= 0, pos + offsets[shard], -1))
 
-    bank_x = torch.cat([s[0] for s in shards])
-    k_group = torch.cat([s[1] for s in shards] + [torch.tensor([BACKGROUND_GROUP])])
-    level_x = [torch.cat([s[2][lv][0] for s in shards]) for lv in range(2)]
-    level_pos = [torch.cat([global_pos(lv, r) for r in range(world)]) for lv in range(2)]
-    level_group = [torch.cat([local_group[r][lv] for r in range(world)]) for lv in range(2)]
+    background = torch.tensor([BACKGROUND_GROUP])
+    everything = (
+        torch.cat([s[2][0][0] for s in shards]),
+        torch.cat([s[2][1][0] for s in shards]),
+        torch.cat([s[0] for s in shards]),
+        [torch.cat([global_pos(lv, r) for r in range(world)]) for lv in range(2)],
+        [torch.cat([local_group[r][lv] for r in range(world)]) for lv in range(2)],
+        torch.cat([s[1] for s in shards] + [background]),
+    )
+    bank_x, groups, levels = shards[rank]
+    mine = (levels[0][0], levels[1][0], bank_x, local_pos[rank], local_group[rank], torch.cat([groups, background]))
     for negatives in (None, 3):
-        torch.manual_seed(1)
-        reference = BankTowersWithBackground().double()
-        part_q, pixel_q, bank, scale = reference(level_x[0], level_x[1], bank_x)
-        levels = [(q, level_pos[lv], weights[lv], level_group[lv]) for lv, q in enumerate((part_q, pixel_q))]
-        expected, expected_levels = mgccl_ops.multi_grained_loss(
-            levels, bank, scale, k_group=k_group, hard_negatives=negatives
-        )
-        expected.backward()
-
-        torch.manual_seed(1)
-        model = DistributedDataParallel(BankTowersWithBackground().double())
-        mine_bank, mine_groups, mine_levels = shards[rank]
-        part_q, pixel_q, bank, scale = model(mine_levels[0][0], mine_levels[1][0], mine_bank)
-        levels = [
-            (q, local_pos[rank][lv], weights[lv], local_group[rank][lv]) for lv, q in enumerate((part_q, pixel_q))
-        ]
-        groups = torch.cat([mine_groups, torch.tensor([BACKGROUND_GROUP])])
-        loss, per_level = distributed.multi_grained_loss(
-            levels, bank, scale, k_group=groups, hard_negatives=negatives, shared_keys=1
-        )
-        loss.backward()
-        what = f"shared key: banks={banks} rows={rows} negatives={negatives} rank={rank}"
-        torch.testing.assert_close(loss, expected.detach(), **TOL, msg=lambda m, w=what: f"{w}: loss: {m}")
-        torch.testing.assert_close(per_level, expected_levels, **TOL)
-        _assert_grads_equal(model.module, reference, what)
+        _assert_ddp_equals_one_process(
+            rank, BankTowersWithBackground, everything, mine, f"shared key: banks={banks}", shared_keys=1,
+            hard_negatives=negatives,
+        )  # fmt: skip
 
 
 def _case_shared_keys_must_agree(rank: int, world: int) -> None:
