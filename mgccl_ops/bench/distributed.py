@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,30 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _peak_of(step, device: torch.device) -> float:
-    """Peak extra memory (MiB) of one call of ``step`` in this process."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _rss_kib("VmRSS")
-    step()
-    return (_rss_kib("VmHWM") - before) / 1024
 
 
 def providers() -> tuple[str, ...]:
@@ -111,7 +86,7 @@ def _measure_case(mode: str, n_global: int, world: int, device: torch.device, se
     step = loss_step(mode, n_global // world, settings["dim"], device, seed=dist.get_rank())
     step()  # warm-up
     dist.barrier()
-    peak = _peak_of(step, device)
+    peak = harness.step_peak_mib(step, device)
     times = []
     for _ in range(settings["repeats"]):
         dist.barrier()
@@ -148,12 +123,6 @@ def _rank_main(rank: int, world: int, store: str, settings: dict, out: str) -> N
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _timing(samples: list[float]) -> dict:
-    samples = sorted(samples)
-    quantiles = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
-    return {"median": statistics.median(samples), "p20": quantiles[0], "p80": quantiles[3], "runs": len(samples)}
-
-
 def measure_world(world: int, settings: dict) -> list[dict]:
     """Spawns ``world`` ranks; returns one row per (mode, N) with per-rank peaks."""
     previous = {key: os.environ.get(key) for key in MEASURE_ENV}
@@ -176,7 +145,7 @@ def measure_world(world: int, settings: dict) -> list[dict]:
                 "bench": NAME,
                 "provider": f"{first['mode']} (world {world})",
                 "params": {"n": first["n"], "world": world, "n_local": first["n"] // world, "d": settings["dim"]},
-                "time_ms": _timing(first["times_ms"]),
+                "time_ms": harness.timing_summary(first["times_ms"]),
                 "peak_mem_mib": max(peaks),
                 "peak_mem_mib_per_rank": peaks,
                 "local_inputs_mib": 2 * (first["n"] // world) * settings["dim"] * 4 / 2**20,

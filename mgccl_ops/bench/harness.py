@@ -47,9 +47,14 @@ def time_step(step: Callable[[], object], device: str, *, warmup: int = 1, repea
         step()
         synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
+    return timing_summary(samples)
+
+
+def timing_summary(samples: list[float]) -> dict:
+    """Median, 20th and 80th percentiles and count of wall times (ms)."""
+    samples = sorted(samples)
     quantiles = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
-    return {"median": statistics.median(samples), "p20": quantiles[0], "p80": quantiles[3], "runs": repeats}
+    return {"median": statistics.median(samples), "p20": quantiles[0], "p80": quantiles[3], "runs": len(samples)}
 
 
 def resolve(factory_path: str) -> Callable[..., Callable[[], object]]:
@@ -66,21 +71,27 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_peak_here(factory_path: str, params: dict, device: str) -> float:
-    """Peak extra memory (MiB) of one step, measured in this process (call it in a fresh one)."""
-    step = resolve(factory_path)(**params)
-    if device.startswith("cuda"):
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+def step_peak_mib(step: Callable[[], object], device: str | torch.device) -> float:
+    """Peak extra memory (MiB) of one call of ``step`` in this process: on CUDA the growth of
+    ``torch.cuda.max_memory_allocated`` on ``device``, on the CPU the growth of the resident set."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets the peak resident set size (VmHWM) to the current one
     before = _status_kib("VmRSS")
     step()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def measure_peak_here(factory_path: str, params: dict, device: str) -> float:
+    """Peak extra memory (MiB) of one step, measured in this process (call it in a fresh one)."""
+    return step_peak_mib(resolve(factory_path)(**params), device)
 
 
 def peak_memory_mib(
