@@ -104,28 +104,34 @@ def collective_device(ring: Ring) -> torch.device:
     return torch.device("cpu")
 
 
-def agree(ring: Ring, op: str, check: Callable[[], T]) -> T:
-    """Runs this rank's argument checks and tells every rank whether any rank's failed, so that
-    a bad input on one rank raises on every rank instead of leaving the others waiting in a
-    collective. Returns ``check()``'s result.
+def agree(ring: Ring, op: str, check: Callable[[], tuple[T, list[int]]], width: int) -> tuple[T, list[list[int]]]:
+    """Runs this rank's argument checks and, in one collective, tells every rank whether any
+    rank's failed and gathers the ``width`` ints each check returns (e.g. its shard's shape).
+    A bad input on one rank so raises on every rank instead of leaving the others waiting in a
+    later collective.
+
+    Args:
+        check: returns ``(result, ints)`` with ``len(ints) == width``, or raises ValueError /
+            TypeError.
+
+    Returns:
+        ``(result, ints of every rank in group-rank order)``.
 
     Raises:
         ValueError or TypeError: this rank's own check failed (its message).
         ValueError: another rank's check failed, naming that rank.
     """
     try:
-        result, failure = check(), None
+        (result, ints), failure = check(), None
     except (ValueError, TypeError) as error:
-        result, failure = None, error
-    flags = torch.zeros(ring.world, dtype=torch.int64, device=collective_device(ring))
-    flags[ring.rank] = int(failure is not None)
-    dist.all_reduce(flags, group=ring.group)
+        result, ints, failure = None, [0] * width, error
+    everyone = gather_ints(ring, [int(failure is not None), *ints], collective_device(ring))
     if failure is not None:
         raise failure
-    failed = flags.nonzero().flatten().tolist()
+    failed = [rank for rank, (flag, *_) in enumerate(everyone) if flag]
     if failed:
         raise ValueError(
             f"mgccl_ops.distributed.{op}: the inputs of rank(s) {failed} failed their checks (their own "
             "errors say why); no rank ran the op"
         )
-    return result
+    return result, [values for _, *values in everyone]

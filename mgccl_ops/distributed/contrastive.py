@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import mgccl_ops
-from mgccl_ops.distributed.comm import Ring, agree, all_reduce_sum, gather_ints, gather_rows_with_grad, ring_of
+from mgccl_ops.distributed.comm import Ring, agree, all_reduce_sum, gather_rows_with_grad, ring_of
 from mgccl_ops.distributed.ring import RingContrastive
 from mgccl_ops.ops import _checks
 from mgccl_ops.ops._dtypes import accumulation_dtype
@@ -41,9 +41,8 @@ def check_local_shards(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"{OP}: q and k should have the same shape [N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
 
 
-def shard_sizes(ring: Ring, q: torch.Tensor) -> list[int]:
-    """Every rank's N (raising on every rank where D differs between them)."""
-    shapes = gather_ints(ring, list(q.shape), q.device)
+def shard_sizes(shapes: list[list[int]]) -> list[int]:
+    """Every rank's N from every rank's [N, D] (raising on every rank where D differs)."""
     widths = {d for _, d in shapes}
     if len(widths) > 1:
         raise ValueError(f"{OP}: every rank should pass the same D, got [N, D] per rank {shapes}")
@@ -88,16 +87,16 @@ def contrastive_loss(
     """
     ring = ring_of(OP, group)
 
-    def local_checks() -> torch.Tensor:
+    def local_checks() -> tuple[torch.Tensor, list[int]]:
         _checks.check_choice(OP, "mode", mode, MODES)
         check_local_shards(q, k)
         scale_t = _checks.scale_tensor(OP, scale, q)
         if not bool(torch.isfinite(scale_t.detach())):  # ring mode's block math would give NaN
             raise ValueError(f"{OP}: scale should be finite, got {scale_t.item()}")
-        return scale_t
+        return scale_t, list(q.shape)
 
-    scale_t = agree(ring, OP, local_checks)
-    sizes = shard_sizes(ring, q)
+    scale_t, shapes = agree(ring, OP, local_checks, width=2)
+    sizes = shard_sizes(shapes)
     if mode == "ring":
         local_sum = RingContrastive.apply(q, k, scale_t, ring, sizes, symmetric)
     else:

@@ -12,7 +12,6 @@ from mgccl_ops.distributed.comm import (
     agree,
     all_gather_rows,
     all_reduce_sum,
-    gather_ints,
     gather_rows_with_grad,
     ring_of,
 )
@@ -61,18 +60,18 @@ def multi_grained_loss(
     """
     ring = ring_of(OP, group)
 
-    def local_checks() -> list:
+    def local_checks() -> tuple[list, list[int]]:
         parsed = parse_levels(levels, k, k_group)
         check_hard_negatives(hard_negatives)
         _checks.scale_tensor(OP, scale, k)
         if isinstance(shared_keys, bool) or not isinstance(shared_keys, int) or not 0 <= shared_keys <= k.shape[0]:
             raise ValueError(f"{OP}: shared_keys should be an int in [0, M = {k.shape[0]}], got {shared_keys!r}")
-        return parsed
+        return parsed, [k.shape[0] - shared_keys, shared_keys]
 
-    parsed = agree(ring, OP, local_checks)
+    # Every rank's (own keys, shared keys), gathered with the checks' outcome.
+    parsed, counts = agree(ring, OP, local_checks, width=2)
     acc = accumulation_dtype(k.dtype)
     own = k.shape[0] - shared_keys
-    counts = gather_ints(ring, [own, shared_keys], k.device)
     if len({s for _, s in counts}) > 1:
         raise ValueError(f"{OP}: shared_keys should be the same on every rank, got {[s for _, s in counts]}")
     banks = [m for m, _ in counts]
